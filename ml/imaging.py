@@ -1,0 +1,326 @@
+"""Image intake: uploaded bytes -> a validated 8-bit grayscale numpy array.
+
+Only Pillow, numpy and the standard library are used here, because the web process imports this
+module to validate uploads and must never pull in TensorFlow.
+
+:func:`decode_image` accepts PNG and JPEG (including multi-picture "MPO" JPEGs from cameras, of
+which the first picture is used) and refuses everything else with an :class:`ImageError` subclass
+whose ``code`` is a short machine string and whose ``str()`` says why in plain words.
+:func:`to_model_input` is the single resize used by both training and serving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import struct
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, ImageOps
+
+__all__ = [
+    "ACCEPTED_FORMATS",
+    "DEFAULT_MAX_PIXELS",
+    "CorruptImageError",
+    "EmptyImageError",
+    "ImageError",
+    "ImageTooLargeError",
+    "UnsupportedImageError",
+    "decode_image",
+    "load_image_file",
+    "sniff_format",
+    "to_model_input",
+]
+
+ACCEPTED_FORMATS: frozenset[str] = frozenset({"PNG", "JPEG"})
+"""Pillow format names that :func:`decode_image` accepts ("MPO" counts as "JPEG")."""
+
+DEFAULT_MAX_PIXELS = 60_000_000
+"""Largest width * height decoded by default (a 16-bit 60 MP image is already 120 MB of pixels)."""
+
+# Pillow reports multi-picture JPEGs (stereo / depth photos from phones and cameras) as "MPO";
+# the first picture is an ordinary JPEG, so they are treated as JPEG.
+_FORMAT_ALIASES = {"MPO": "JPEG"}
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+# What Pillow raises on damaged or truncated data (its own fuzzers treat these as "clean"
+# failures); anything else is a bug and should not be disguised as a bad upload.
+_PILLOW_DATA_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+)
+
+# Modes that carry more than 8 bits per sample and are stretched min..max to 0..255.
+_HIGH_DEPTH_MODES = frozenset({"I;16", "I;16B", "I;16L", "I;16N", "I", "F"})
+# 8-bit modes that Pillow's convert("L") turns into luma (ITU-R 601-2 for RGB).
+_DIRECT_TO_L_MODES = frozenset({"L", "1", "RGB", "CMYK", "YCbCr"})
+
+
+class ImageError(ValueError):
+    """An upload that cannot be used as an X-ray.
+
+    ``code`` is a short machine-readable string; ``str(error)`` is a human message saying why.
+    """
+
+    code: str = "invalid_image"
+
+
+class EmptyImageError(ImageError):
+    """The upload has zero bytes."""
+
+    code = "empty"
+
+
+class CorruptImageError(ImageError):
+    """Not an image at all, or image data that is truncated or cannot be decoded."""
+
+    code = "corrupt"
+
+
+class UnsupportedImageError(ImageError):
+    """A real image that is not a still PNG/JPEG, or whose pixel mode is not supported."""
+
+    code = "unsupported_format"
+
+
+class ImageTooLargeError(ImageError):
+    """The image declares more pixels than allowed (a possible decompression bomb)."""
+
+    code = "too_many_pixels"
+
+
+def _normalise_format(fmt: str | None) -> str | None:
+    """Return Pillow's format name with aliases (MPO -> JPEG) folded in."""
+    if fmt is None:
+        return None
+    return _FORMAT_ALIASES.get(fmt, fmt)
+
+
+def _format_from_signature(data: bytes) -> str | None:
+    """Return "PNG" or "JPEG" from the magic bytes alone, else None."""
+    if data.startswith(_PNG_SIGNATURE):
+        return "PNG"
+    if data.startswith(_JPEG_SIGNATURE):
+        return "JPEG"
+    return None
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Return the image format of ``data`` without decoding its pixels.
+
+    The result is a Pillow format name ("PNG", "JPEG", "GIF", "BMP", ...; multi-picture "MPO"
+    is reported as "JPEG"), or None when the data is not a recognisable image. Only the header
+    is read, so this is cheap even for huge images.
+    """
+    if not data:
+        return None
+    with _pillow_data_warnings_silenced():
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                fmt = image.format
+        except Image.DecompressionBombError:
+            # Pillow refuses very large images inside Image.open without telling the format,
+            # so fall back to the magic bytes.
+            return _format_from_signature(data)
+        except _PILLOW_DATA_ERRORS:
+            return None
+    return _normalise_format(fmt)
+
+
+def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> npt.NDArray[np.uint8]:
+    """Return the still PNG/JPEG image in ``data`` as 8-bit grayscale.
+
+    The result is a fresh, writeable, C-contiguous 2-D uint8 array of shape (height, width),
+    upright according to the EXIF orientation tag. Colour is reduced to luma, transparent
+    pixels are composited over black, and 16-bit / 32-bit images are stretched linearly from
+    their own minimum..maximum to 0..255 (a constant image becomes all 0).
+
+    Raises :class:`EmptyImageError`, :class:`CorruptImageError`, :class:`UnsupportedImageError`
+    or :class:`ImageTooLargeError` (when width * height exceeds ``max_pixels``; checked from the
+    header before any pixel is decoded). Pillow's own bomb limit (twice ``Image.MAX_IMAGE_PIXELS``)
+    also applies, so a ``max_pixels`` above it cannot let larger images through.
+    """
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    if not data:
+        raise EmptyImageError("the upload is empty (0 bytes)")
+
+    with _pillow_data_warnings_silenced():
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Image.DecompressionBombError as exc:
+            raise ImageTooLargeError(
+                f"the image has too many pixels to decode safely ({exc}); "
+                f"the limit is {max_pixels:,} pixels"
+            ) from exc
+        except _PILLOW_DATA_ERRORS as exc:
+            raise CorruptImageError(_unreadable_message(data)) from exc
+
+        with image:
+            _check_header(image, max_pixels)
+            try:
+                image.load()
+                ImageOps.exif_transpose(image, in_place=True)
+            except Image.DecompressionBombError as exc:
+                raise ImageTooLargeError(
+                    f"the image has too many pixels to decode safely ({exc})"
+                ) from exc
+            except _PILLOW_DATA_ERRORS as exc:
+                raise CorruptImageError(
+                    f"the {_normalise_format(image.format)} image is truncated or damaged "
+                    f"and cannot be decoded ({exc})"
+                ) from exc
+            return _to_grayscale(image)
+
+
+def load_image_file(
+    path: str | os.PathLike[str], *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> npt.NDArray[np.uint8]:
+    """Read a file and return :func:`decode_image` of its bytes."""
+    return decode_image(Path(path).read_bytes(), max_pixels=max_pixels)
+
+
+def to_model_input(gray: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float32]:
+    """Resize a 2-D uint8 grayscale image to the model's square input.
+
+    Returns a new float32 array of shape (size, size, 1) with values in 0..255. The image is
+    squashed to a square (no crop or padding, like Keras ``image_dataset_from_directory``)
+    with Pillow's BILINEAR filter, which is antialiased when downscaling. This is the only
+    resize in the project: training and serving both call it. ``gray`` is not modified.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int, got {size!r}")
+    if gray.ndim != 2 or gray.dtype != np.uint8:
+        raise ValueError(
+            f"expected a 2-D uint8 grayscale array, got shape {gray.shape} dtype {gray.dtype}"
+        )
+    if gray.shape[0] == 0 or gray.shape[1] == 0:
+        raise ValueError(f"cannot resize an empty image of shape {gray.shape}")
+
+    # fromarray may share the array's memory (read-only); resize always builds a new image,
+    # so the caller's array is never written to.
+    resized = Image.fromarray(gray).resize((size, size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(resized, dtype=np.float32)
+    return np.ascontiguousarray(pixels[:, :, np.newaxis])
+
+
+@contextlib.contextmanager
+def _pillow_data_warnings_silenced() -> Iterator[None]:
+    """Silence Pillow's warnings about the uploaded data itself while the block runs.
+
+    Our own max_pixels check replaces DecompressionBombWarning, and the UserWarnings Pillow
+    issues for quirky files ("malformed MPO", "corrupt EXIF", "invalid APNG") describe the
+    uploader's file, not our code: each upload either decodes or raises an ImageError. Left
+    alone they would flood the logs, and under pytest's filterwarnings=error they would escape
+    as exceptions that are not ImageErrors. Deprecation warnings are deliberately left visible.
+    Note: like all ``warnings.catch_warnings`` use, this swaps the process-wide filter list.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+        yield
+
+
+def _unreadable_message(data: bytes) -> str:
+    """Explain why Image.open could not read ``data``."""
+    signature_format = _format_from_signature(data)
+    if signature_format is not None:
+        return f"the data starts like a {signature_format} image but its header is damaged"
+    return "not a PNG or JPEG image: the data is not in any image format that can be recognised"
+
+
+def _check_header(image: Image.Image, max_pixels: int) -> None:
+    """Refuse formats, animations and sizes we do not accept, using only the header."""
+    fmt = _normalise_format(image.format)
+    if fmt not in ACCEPTED_FORMATS:
+        raise UnsupportedImageError(
+            f"{fmt} images are not accepted; please upload a PNG or JPEG image"
+        )
+    # MPO files also have several frames, but they are separate pictures, not an animation.
+    n_frames: int = getattr(image, "n_frames", 1)
+    if image.format != "MPO" and n_frames > 1:
+        raise UnsupportedImageError(
+            f"animated {fmt} images ({n_frames} frames) are not accepted; "
+            "please upload a single still PNG or JPEG image"
+        )
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(
+            f"the image is {width}x{height} = {width * height:,} pixels, "
+            f"above the limit of {max_pixels:,} pixels"
+        )
+
+
+def _to_grayscale(image: Image.Image) -> npt.NDArray[np.uint8]:
+    """Convert a loaded Pillow image of any supported mode to a fresh 2-D uint8 array."""
+    mode = image.mode
+    if mode in _HIGH_DEPTH_MODES:
+        return _stretch_to_uint8(np.asarray(image))
+
+    has_transparency = image.info.get("transparency") is not None
+    if mode in ("P", "PA"):
+        # Palette entries may carry alpha (PNG tRNS), so expand to RGBA only when they might.
+        image = image.convert("RGBA" if mode == "PA" or has_transparency else "RGB")
+    elif mode in ("L", "RGB") and has_transparency:
+        # A PNG tRNS colour key marks one value as fully transparent: make it real alpha.
+        image = image.convert("LA" if mode == "L" else "RGBA")
+
+    if image.mode in ("RGBA", "LA"):
+        gray = _composite_over_black(image)
+    elif image.mode in _DIRECT_TO_L_MODES:
+        gray = image.convert("L")
+    else:
+        raise UnsupportedImageError(
+            f"images with pixel mode {mode!r} are not supported; "
+            "please upload an ordinary grayscale or colour PNG or JPEG"
+        )
+    # np.array copies, so the result owns its (writeable, C-ordered) memory.
+    return np.array(gray, dtype=np.uint8)
+
+
+def _composite_over_black(image: Image.Image) -> Image.Image:
+    """Return the L image of an RGBA/LA image composited over an opaque black background."""
+    # Pasting through the alpha mask onto black scales each pixel by alpha / 255; working in L
+    # keeps peak memory at three bytes per pixel instead of the eight of an RGBA composite.
+    luma = image.convert("L")
+    result = Image.new("L", image.size, 0)
+    result.paste(luma, mask=image.getchannel("A"))
+    return result
+
+
+def _stretch_to_uint8(values: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
+    """Map ``values`` linearly from their own min..max onto 0..255 (constant input -> 0).
+
+    Non-finite floats (NaN, infinities) are ignored for the range and become 0.
+    """
+    if values.dtype.kind == "u" and values.dtype.itemsize <= 2:
+        # 16-bit: a 65536-entry lookup table avoids a float copy of the whole image.
+        low, high = int(values.min()), int(values.max())
+        if high == low:
+            return np.zeros(values.shape, dtype=np.uint8)
+        table = np.zeros(1 << (8 * values.dtype.itemsize), dtype=np.uint8)
+        ramp = np.arange(high - low + 1, dtype=np.float64) * (255.0 / (high - low))
+        table[low : high + 1] = np.rint(ramp).astype(np.uint8)
+        return np.ascontiguousarray(table[values])
+
+    floats = values.astype(np.float64)
+    finite = np.isfinite(floats)
+    if not finite.any():
+        return np.zeros(values.shape, dtype=np.uint8)
+    low_f = float(floats[finite].min())
+    high_f = float(floats[finite].max())
+    if high_f == low_f:
+        return np.zeros(values.shape, dtype=np.uint8)
+    scaled = np.rint((floats - low_f) * (255.0 / (high_f - low_f)))
+    scaled[~finite] = 0.0
+    return np.ascontiguousarray(np.clip(scaled, 0.0, 255.0).astype(np.uint8))

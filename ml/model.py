@@ -1,0 +1,112 @@
+"""The VGG16 transfer-learning classifier: building it and running it on preprocessed images."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+# Caffe-style VGG16 normalisation (what keras.applications.vgg16.preprocess_input does): BGR order
+# minus the ImageNet channel means. Grayscale is copied to all three channels, so the RGB->BGR flip
+# is a no-op and only the per-channel means matter.
+VGG16_MEAN_BGR = (103.939, 116.779, 123.68)
+MIN_INPUT_SIZE = 32  # VGG16 has five 2x2 poolings.
+
+BaseWeights = str | os.PathLike[str] | None
+
+
+def build_classifier(
+    class_names: Sequence[str],
+    input_size: int = 224,
+    base_weights: BaseWeights = "imagenet",
+    dropout: float = 0.3,
+) -> keras.Model:
+    """Build VGG16 (no top) plus a small softmax head over ``class_names``.
+
+    The model takes ``(batch, input_size, input_size, 1)`` float32 grayscale in 0..255 (what
+    :func:`ml.imaging.to_model_input` returns) and does the rest of the preprocessing in its graph
+    (grayscale to three channels, VGG16 normalisation), so training and serving cannot disagree.
+
+    Args:
+        class_names: Output classes in order, e.g. ``["NORMAL", "PNEUMONIA"]``.
+        input_size: Side of the square input in pixels (at least 32).
+        base_weights: ``"imagenet"``, a path to a local VGG16 notop weights file, or ``None``.
+        dropout: Dropout rate before the output layer.
+    """
+    if len(class_names) < 2 or len(set(class_names)) != len(class_names):
+        raise ValueError(f"need at least two distinct class names, got {list(class_names)}")
+    if input_size < MIN_INPUT_SIZE:
+        raise ValueError(f"input_size must be at least {MIN_INPUT_SIZE}, got {input_size}")
+    weights = os.fspath(base_weights) if base_weights is not None else None
+    if weights is not None and weights != "imagenet" and not os.path.isfile(weights):
+        raise FileNotFoundError(f"VGG16 weights file not found: {weights}")
+
+    inputs = keras.Input(shape=(input_size, input_size, 1), name="image")
+    x = keras.layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
+    x = keras.layers.Normalization(
+        mean=VGG16_MEAN_BGR, variance=(1.0, 1.0, 1.0), name="vgg16_preprocess"
+    )(x)
+    base = keras.applications.VGG16(
+        include_top=False, weights=weights, input_shape=(input_size, input_size, 3)
+    )
+    base.trainable = False
+    # training=False keeps the base in inference mode even while the head trains or is unfrozen.
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(len(class_names), activation="softmax", name="predictions")(x)
+    return keras.Model(inputs, outputs, name="cxr_vgg16")
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One classified image: the winning label and the probability of every class."""
+
+    label: str
+    probabilities: dict[str, float]
+
+
+class Classifier:
+    """A loaded model with its class names, called through one compiled function.
+
+    ``model.predict`` per request is several times slower than a compiled call on small batches,
+    so the model is wrapped once in a ``tf.function`` whose batch dimension is left open.
+    """
+
+    def __init__(self, model: keras.Model, class_names: Sequence[str], version: int | None = None):
+        shape = model.input_shape
+        if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 1:
+            raise ValueError(f"model input must be (batch, size, size, 1), got {shape}")
+        if model.output_shape[-1] != len(class_names):
+            raise ValueError(
+                f"model has {model.output_shape[-1]} outputs but {len(class_names)} class names"
+            )
+        self.model = model
+        self.class_names = list(class_names)
+        self.input_size = int(shape[1])
+        self.version = version
+        self._call = tf.function(
+            lambda x: model(x, training=False),
+            input_signature=[
+                tf.TensorSpec((None, self.input_size, self.input_size, 1), tf.float32)
+            ],
+        )
+
+    def predict_batch(self, images: np.ndarray) -> np.ndarray:
+        """Return class probabilities ``(n, classes)`` for ``(n, size, size, 1)`` float32 input."""
+        out: Any = self._call(tf.convert_to_tensor(images, dtype=tf.float32))
+        return np.asarray(out, dtype=np.float64)
+
+    def to_prediction(self, probabilities: np.ndarray) -> Prediction:
+        """Turn one row of probabilities into a :class:`Prediction` (JSON-native floats)."""
+        probs = {name: float(p) for name, p in zip(self.class_names, probabilities, strict=True)}
+        return Prediction(label=max(probs, key=probs.__getitem__), probabilities=probs)
+
+    def warm_up(self) -> None:
+        """Trace the compiled call once so the first real request does not pay for it."""
+        self.predict_batch(np.zeros((1, self.input_size, self.input_size, 1), np.float32))

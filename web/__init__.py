@@ -1,0 +1,58 @@
+"""Flask front-end: upload pages, the JSON API and health checks. Never imports TensorFlow."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import redis
+from flask import Flask, current_app
+
+from worker.app import create_celery
+from worker.client import PredictionClient
+from worker.settings import Settings, get_settings
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the web application.
+
+    Args:
+        config: Flask config overrides; the key ``CXR_SETTINGS`` may hold a
+            :class:`worker.settings.Settings` to use instead of the environment.
+    """
+    app = Flask(__name__)
+    config = dict(config or {})
+    settings: Settings = config.pop("CXR_SETTINGS", None) or get_settings()
+    app.config.update(
+        MAX_CONTENT_LENGTH=int(settings.max_upload_mb * 1024 * 1024),
+        # The upload form posts files only; keep Werkzeug's form parsing small.
+        MAX_FORM_MEMORY_SIZE=64 * 1024,
+    )
+    app.config.update(config)
+    register_extensions(app, settings)
+    register_blueprints(app)
+    return app
+
+
+def register_extensions(app: Flask, settings: Settings) -> None:
+    """Attach settings, a Redis client and a Celery app used only to send tasks."""
+    redis_client = redis.Redis.from_url(
+        settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+    )
+    app.extensions["cxr"] = PredictionClient(settings, redis_client, create_celery(settings))
+
+
+def register_blueprints(app: Flask) -> None:
+    """Register the pages, API and health blueprints and their error handlers."""
+    from web import api, health, pages
+
+    app.register_blueprint(pages.bp)
+    app.register_blueprint(api.bp)
+    app.register_blueprint(health.bp)
+    api.register_error_handlers(app)
+
+
+def prediction_client() -> PredictionClient:
+    """Return the current app's :class:`PredictionClient`."""
+    client: PredictionClient = current_app.extensions["cxr"]
+    return client

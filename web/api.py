@@ -1,0 +1,109 @@
+"""JSON API: ``/api/v1/predictions`` to submit an X-ray and poll for its result."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from flask import Blueprint, Flask, Response, jsonify, render_template, request, url_for
+from werkzeug.datastructures import FileStorage
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from web import prediction_client
+from worker.client import (
+    CorruptImageError,
+    EmptyImageError,
+    ImageError,
+    ImageTooLargeError,
+    NoModelError,
+    UnsupportedImageError,
+)
+
+bp = Blueprint("api", __name__, url_prefix="/api/v1")
+
+# The HTTP status for each kind of refused upload.
+IMAGE_ERROR_STATUS: dict[type[ImageError], int] = {
+    EmptyImageError: 400,
+    CorruptImageError: 400,
+    UnsupportedImageError: 415,
+    ImageTooLargeError: 413,
+}
+
+
+def error_response(status: int, code: str, message: str, **extra: Any) -> tuple[Response, int]:
+    """Return the JSON error document every API error uses."""
+    return jsonify({"error": code, "message": message, **extra}), status
+
+
+def image_error_status(exc: ImageError) -> int:
+    """Return the HTTP status for a refused image."""
+    return next((s for cls, s in IMAGE_ERROR_STATUS.items() if isinstance(exc, cls)), 400)
+
+
+def read_upload(storage: FileStorage | None) -> bytes:
+    """Return the bytes of a multipart file field, raising EmptyImageError when there are none."""
+    data = storage.read() if storage is not None else b""
+    if not data:
+        raise EmptyImageError("the upload is empty: send the X-ray as the multipart field 'file'")
+    return data
+
+
+@bp.post("/predictions")
+def create_prediction() -> tuple[Response, int] | Response:
+    """Validate an uploaded X-ray and queue it; answer 202 with where to poll."""
+    if "file" not in request.files:
+        return error_response(
+            400, "missing_file", "send the X-ray as a multipart/form-data field named 'file'"
+        )
+    storage = request.files["file"]
+    try:
+        job_id = prediction_client().submit(read_upload(storage), storage.filename)
+    except ImageError as exc:
+        return error_response(image_error_status(exc), exc.code, str(exc))
+    except NoModelError as exc:
+        return error_response(503, "no_model", str(exc))
+    status_url = url_for("api.get_prediction", job_id=job_id)
+    response = jsonify({"id": job_id, "status": "queued", "status_url": status_url})
+    response.status_code = 202
+    response.headers["Location"] = status_url
+    return response
+
+
+@bp.get("/predictions/<job_id>")
+def get_prediction(job_id: str) -> tuple[Response, int] | Response:
+    """Return the state of a prediction: queued, running, done (with result) or failed."""
+    doc = prediction_client().status(job_id)
+    if doc is None:
+        ttl = prediction_client().settings.result_ttl_seconds
+        return error_response(
+            404,
+            "not_found",
+            f"no prediction with id {job_id!r}: it was never issued, or it finished more than "
+            f"{ttl} s ago and has expired",
+        )
+    return jsonify(doc)
+
+
+def register_error_handlers(app: Flask) -> None:
+    """Answer API errors (and oversized uploads anywhere) as JSON, not HTML."""
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(exc: RequestEntityTooLarge) -> tuple[Response | str, int]:
+        limit = app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+        message = f"the upload exceeds the {limit:g} MiB limit"
+        if request.path.startswith("/api/"):
+            return error_response(413, "too_large", message)
+        page = render_template("index.html", notice=None, errors=[("", message)], accepted=[])
+        return page, 413
+
+    @app.errorhandler(redis.RedisError)
+    def redis_down(exc: redis.RedisError) -> tuple[Response, int]:
+        app.logger.error("Redis error: %s", exc)
+        return error_response(503, "unavailable", "the queue is unreachable; try again shortly")
+
+    @app.errorhandler(HTTPException)
+    def http_error(exc: HTTPException) -> tuple[Response, int] | HTTPException:
+        if not request.path.startswith("/api/"):
+            return exc
+        code = (exc.name or "error").lower().replace(" ", "_")
+        return error_response(exc.code or 500, code, exc.description or code)

@@ -1,0 +1,62 @@
+"""HTML pages: the upload form and the result page that polls the JSON API."""
+
+from __future__ import annotations
+
+from flask import Blueprint, Response, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response as BaseResponse
+
+from web import prediction_client
+from web.api import image_error_status, read_upload
+from worker.client import NO_MODEL_MESSAGE, ImageError, NoModelError, is_job_id
+
+bp = Blueprint("pages", __name__)
+
+
+def no_model_message() -> str | None:
+    """Return the no-model message when the live workers say they have nothing to serve."""
+    workers = prediction_client().workers()
+    if workers and all(w.state in ("no_model", "error") for w in workers):
+        return NO_MODEL_MESSAGE
+    return None
+
+
+@bp.get("/")
+def index() -> str:
+    """The upload form."""
+    return render_template("index.html", notice=no_model_message(), errors=[], accepted=[])
+
+
+@bp.post("/")
+def upload() -> BaseResponse | tuple[str, int]:
+    """Queue every uploaded file; show the results page, or the form again with what failed."""
+    files = [f for f in request.files.getlist("files") if f.filename or f.content_length]
+    if not files:
+        return render_template(
+            "index.html", notice=None, errors=[("", "Choose at least one X-ray.")], accepted=[]
+        ), 400
+    accepted: list[tuple[str, str]] = []
+    errors: list[tuple[str, str]] = []
+    status = 200
+    for storage in files:
+        name = storage.filename or "upload"
+        try:
+            accepted.append((name, prediction_client().submit(read_upload(storage), name)))
+        except ImageError as exc:
+            errors.append((name, str(exc)))
+            status = image_error_status(exc)
+        except NoModelError as exc:
+            return render_template("index.html", notice=str(exc), errors=[], accepted=[]), 503
+    if not errors:
+        return redirect(url_for("pages.results", id=[job for _, job in accepted]), code=303)
+    return render_template("index.html", notice=None, errors=errors, accepted=accepted), status
+
+
+@bp.get("/results")
+def results() -> Response | tuple[str, int]:
+    """A card per job id that polls the API until the prediction is there."""
+    ids = [i for i in request.args.getlist("id") if is_job_id(i)][:50]
+    if not ids:
+        return render_template(
+            "index.html", notice=None, errors=[("", "No prediction ids given.")], accepted=[]
+        ), 404
+    return Response(render_template("results.html", ids=ids))

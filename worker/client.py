@@ -1,0 +1,205 @@
+"""The TF-free side of the queue that the web process uses: Redis keys, submit and status.
+
+An upload's bytes go to Redis under their own key with the same time-to-live as the job, and the
+Celery message carries only the job id, so messages stay small, web and workers need no shared
+disk, and nothing outlives its result.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import redis
+from celery import Celery
+
+from ml.imaging import (
+    CorruptImageError,
+    EmptyImageError,
+    ImageError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+    decode_image,
+)
+from worker.app import TASK_PREDICT
+from worker.settings import Settings
+
+__all__ = [
+    "CorruptImageError",
+    "EmptyImageError",
+    "ImageError",
+    "ImageTooLargeError",
+    "Keys",
+    "NoModelError",
+    "PredictionClient",
+    "UnsupportedImageError",
+    "WorkerInfo",
+]
+
+JobStatus = Literal["queued", "running", "done", "failed"]
+FINAL_STATES: frozenset[str] = frozenset({"done", "failed"})
+
+
+NO_MODEL_MESSAGE = (
+    "No model version is available yet. Create one with `cxr init-model` (README, 'A first "
+    "model'); running workers pick it up within seconds, no restart needed."
+)
+
+
+class NoModelError(RuntimeError):
+    """Workers are running but none of them has a model version to serve."""
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The Redis key layout, all under one prefix."""
+
+    prefix: str = "cxr"
+
+    def job(self, job_id: str) -> str:
+        """Hash of one prediction job: status, timestamps, result JSON or error."""
+        return f"{self.prefix}:job:{job_id}"
+
+    def upload(self, job_id: str) -> str:
+        """The uploaded image bytes of one job, deleted once the job is finished."""
+        return f"{self.prefix}:upload:{job_id}"
+
+    def worker(self, name: str) -> str:
+        """Heartbeat of one worker process (JSON, expires when the process stops reporting)."""
+        return f"{self.prefix}:worker:{name}"
+
+    def worker_pattern(self) -> str:
+        """Pattern matching every worker heartbeat key."""
+        return f"{self.prefix}:worker:*"
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What one worker process last reported about itself."""
+
+    name: str
+    state: str  # "loading", "serving", "no_model" or "error"
+    model_version: int | None
+    class_names: list[str] | None
+    input_size: int | None
+    error: str | None
+    updated_at: float
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> WorkerInfo:
+        """Parse a heartbeat written by the worker."""
+        data: dict[str, Any] = json.loads(raw)
+        return cls(
+            name=data["name"],
+            state=data["state"],
+            model_version=data.get("model_version"),
+            class_names=data.get("class_names"),
+            input_size=data.get("input_size"),
+            error=data.get("error"),
+            updated_at=float(data.get("updated_at", 0.0)),
+        )
+
+    def to_json(self) -> str:
+        """Serialise for the heartbeat key."""
+        return json.dumps(self.__dict__)
+
+
+def as_text(value: bytes | str) -> str:
+    """Decode a Redis reply that may be bytes."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def new_job_id() -> str:
+    """Return a fresh, unguessable job id."""
+    return uuid.uuid4().hex
+
+
+def is_job_id(value: str) -> bool:
+    """Tell whether ``value`` has the shape of an id issued by :func:`new_job_id`."""
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+class PredictionClient:
+    """Validates uploads, enqueues prediction tasks and reads their state from Redis."""
+
+    def __init__(self, settings: Settings, redis_client: redis.Redis, celery: Celery):
+        self.settings = settings
+        self.redis = redis_client
+        self.celery = celery
+        self.keys = Keys(settings.key_prefix)
+
+    def validate(self, data: bytes) -> tuple[int, int]:
+        """Decode ``data`` as the worker will and return ``(width, height)``; raise ImageError."""
+        gray = decode_image(data, max_pixels=self.settings.max_image_pixels)
+        return int(gray.shape[1]), int(gray.shape[0])
+
+    def submit(self, data: bytes, filename: str | None = None) -> str:
+        """Validate an upload, store it and queue its prediction; return the job id.
+
+        Raises:
+            ImageError: the upload is not a usable PNG or JPEG (nothing is queued).
+            NoModelError: workers report that they have no model to serve.
+        """
+        width, height = self.validate(data)
+        workers = self.workers()
+        # With no worker at all the job waits in the queue; only refuse when the workers that are
+        # there say they have nothing to serve.
+        if workers and all(w.state in ("no_model", "error") for w in workers):
+            raise NoModelError(NO_MODEL_MESSAGE)
+        job_id = new_job_id()
+        ttl = self.settings.result_ttl_seconds
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self.keys.upload(job_id), data, ex=ttl)
+        pipe.hset(
+            self.keys.job(job_id),
+            mapping={
+                "status": "queued",
+                "created_at": now,
+                "filename": (filename or "")[:200],
+                "bytes": len(data),
+                "width": width,
+                "height": height,
+            },
+        )
+        pipe.expire(self.keys.job(job_id), ttl)
+        pipe.execute()
+        self.celery.send_task(
+            TASK_PREDICT, args=[job_id], task_id=job_id, queue=self.settings.inference_queue
+        )
+        return job_id
+
+    def status(self, job_id: str) -> dict[str, Any] | None:
+        """Return the public state of a job, or ``None`` when it is unknown or expired."""
+        if not is_job_id(job_id):
+            return None
+        raw = self.redis.hgetall(self.keys.job(job_id))
+        if not raw:
+            return None
+        job = {as_text(k): as_text(v) for k, v in raw.items()}
+        doc: dict[str, Any] = {"id": job_id, "status": job.get("status", "queued")}
+        if job.get("filename"):
+            doc["filename"] = job["filename"]
+        created = float(job["created_at"]) if "created_at" in job else None
+        doc["created_at"] = created
+        if created is not None and "finished_at" in job:
+            doc["elapsed_ms"] = round((float(job["finished_at"]) - created) * 1000, 2)
+        if "result" in job:
+            doc["result"] = json.loads(job["result"])
+        if "error" in job:
+            doc["error"] = job["error"]
+        return doc
+
+    def workers(self) -> list[WorkerInfo]:
+        """Return the heartbeats of every live worker process."""
+        names = list(self.redis.scan_iter(match=self.keys.worker_pattern(), count=100))
+        if not names:
+            return []
+        infos = []
+        for raw in self.redis.mget(names):
+            if raw is not None:
+                infos.append(WorkerInfo.from_json(raw))
+        return sorted(infos, key=lambda w: w.name)

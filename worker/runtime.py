@@ -1,0 +1,162 @@
+"""Everything one worker process owns after the fork: Redis, the model holder, the heartbeat."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+from redis.typing import EncodableT, FieldT
+
+from ml.imaging import ImageError, decode_image, to_model_input
+from worker.client import FINAL_STATES, NO_MODEL_MESSAGE, Keys, WorkerInfo, as_text
+from worker.holder import ModelHolder
+from worker.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+# How long a task waits for the first model load of a freshly started process.
+FIRST_LOAD_WAIT_SECONDS = 120.0
+
+
+class WorkerRuntime:
+    """Serves prediction jobs in one process and reports what it serves."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.holder = ModelHolder(settings.model_dir)
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the thread that loads the model, watches for new versions and reports."""
+        self._thread = threading.Thread(target=self._watch, name="cxr-model-watch", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop reporting and remove this process's heartbeat."""
+        self._stop.set()
+        try:
+            self.redis.delete(self.keys.worker(self.name))
+        except redis.RedisError:
+            log.warning("could not remove heartbeat of %s", self.name)
+
+    def heartbeat(self) -> None:
+        """Write this process's state to Redis (expires if the process stops reporting)."""
+        clf = self.holder.current()
+        info = WorkerInfo(
+            name=self.name,
+            state=self.holder.state,
+            model_version=clf.version if clf else None,
+            class_names=clf.class_names if clf else None,
+            input_size=clf.input_size if clf else None,
+            error=self.holder.error,
+            updated_at=time.time(),
+        )
+        ttl = max(1, int(self.settings.worker_heartbeat_seconds * 3))
+        self.redis.set(self.keys.worker(self.name), info.to_json(), ex=ttl)
+
+    def _watch(self) -> None:
+        # Report "loading" first, then once per period: load a newer version if any, report.
+        self._safe_heartbeat()
+        while True:
+            self.holder.refresh()
+            self._safe_heartbeat()
+            if self._stop.wait(self.settings.worker_heartbeat_seconds):
+                return
+
+    def _safe_heartbeat(self) -> None:
+        try:
+            self.heartbeat()
+        except redis.RedisError as exc:
+            log.warning("heartbeat failed: %s", exc)
+
+    def process(self, job_id: str) -> None:
+        """Classify the upload of one job and store its result or error."""
+        job_key, upload_key = self.keys.job(job_id), self.keys.upload(job_id)
+        status, created_at = self.redis.hmget(job_key, ["status", "created_at"])
+        if status is None:
+            log.warning("job %s expired before it was processed", job_id)
+            self.redis.delete(upload_key)
+            return
+        if as_text(status) in FINAL_STATES:
+            return  # A redelivered task whose result was already stored.
+        started = time.time()
+        self.redis.hset(job_key, mapping={"status": "running", "started_at": started})
+        data = self.redis.get(upload_key)
+        if not isinstance(data, bytes):
+            self._finish(job_id, error="The upload expired before a worker could process it.")
+            return
+        classifier = self.holder.current(timeout=FIRST_LOAD_WAIT_SECONDS)
+        if classifier is None:
+            self._finish(job_id, error=NO_MODEL_MESSAGE)
+            return
+        try:
+            t0 = time.perf_counter()
+            gray = decode_image(data, max_pixels=self.settings.max_image_pixels)
+            x = to_model_input(gray, classifier.input_size)
+            t1 = time.perf_counter()
+            probs = classifier.predict_batch(x[None])[0]
+            t2 = time.perf_counter()
+        except ImageError as exc:
+            self._finish(job_id, error=f"Image rejected by the worker: {exc}")
+            return
+        prediction = classifier.to_prediction(probs)
+        queued_ms = (started - float(created_at)) * 1000 if created_at else None
+        result: dict[str, Any] = {
+            "label": prediction.label,
+            "probabilities": prediction.probabilities,
+            "model_version": classifier.version,
+            "timings_ms": {
+                "queue": round(queued_ms, 2) if queued_ms is not None else None,
+                "preprocess": round((t1 - t0) * 1000, 2),
+                "model": round((t2 - t1) * 1000, 2),
+                "worker_total": round((time.time() - started) * 1000, 2),
+            },
+        }
+        self._finish(job_id, result=result)
+
+    def _finish(
+        self, job_id: str, *, result: dict[str, Any] | None = None, error: str | None = None
+    ) -> None:
+        fields: dict[FieldT, EncodableT] = {
+            "status": "done" if error is None else "failed",
+            "finished_at": time.time(),
+        }
+        if result is not None:
+            fields["result"] = json.dumps(result)
+        if error is not None:
+            fields["error"] = error
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(self.keys.job(job_id), mapping=fields)
+        pipe.expire(self.keys.job(job_id), self.settings.result_ttl_seconds)
+        pipe.delete(self.keys.upload(job_id))
+        pipe.execute()
+
+
+_runtime: WorkerRuntime | None = None
+_runtime_pid: int | None = None
+
+
+def get_runtime() -> WorkerRuntime:
+    """Return this process's runtime, creating and starting it on first use after a fork."""
+    global _runtime, _runtime_pid
+    if _runtime is None or _runtime_pid != os.getpid():
+        _runtime = WorkerRuntime(get_settings())
+        _runtime_pid = os.getpid()
+        _runtime.start()
+    return _runtime
+
+
+def stop_runtime() -> None:
+    """Stop this process's runtime if it was started."""
+    if _runtime is not None and _runtime_pid == os.getpid():
+        _runtime.stop()

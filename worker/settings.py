@@ -1,0 +1,55 @@
+"""Typed settings for every cxr process, read from ``CXR_*`` environment variables in one place."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All knobs of the service; each field is the environment variable ``CXR_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
+
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0",
+        description="Redis used as Celery broker and for uploads, job state and results.",
+    )
+    model_dir: Path = Field(
+        default=Path("models"),
+        description="Folder of model versions (<N>/model.keras + metadata.json); workers only.",
+    )
+    inference_queue: str = Field(default="inference", description="Queue of prediction tasks.")
+    key_prefix: str = Field(default="cxr", description="Prefix of every Redis key cxr writes.")
+    max_upload_mb: float = Field(
+        default=32.0, gt=0, description="Largest accepted upload in MiB (larger: 413)."
+    )
+    max_image_pixels: int = Field(
+        default=60_000_000,
+        gt=0,
+        description="Largest decoded image, width x height (guards against decompression bombs).",
+    )
+    result_ttl_seconds: int = Field(
+        default=3600, gt=0, description="How long uploads, job state and results are kept."
+    )
+    worker_heartbeat_seconds: float = Field(
+        default=5.0, gt=0, description="How often each worker process reports what it serves."
+    )
+    visibility_timeout_seconds: int = Field(
+        default=60,
+        gt=0,
+        description="An unacknowledged inference task is redelivered after this long.",
+    )
+    restore_interval_seconds: int = Field(
+        default=5, gt=0, description="How often workers scan for tasks of crashed workers."
+    )
+    worker_concurrency: int = Field(default=1, gt=0, description="Worker processes per worker.")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings (read from the environment once)."""
+    return Settings()

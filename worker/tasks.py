@@ -1,0 +1,28 @@
+"""Celery tasks: thin wrappers that hand over to the process's :class:`WorkerRuntime`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+from celery.signals import worker_process_init, worker_process_shutdown
+
+from worker.app import TASK_PREDICT
+from worker.runtime import get_runtime, stop_runtime
+
+
+@worker_process_init.connect
+def _start_in_child(**_: Any) -> None:
+    # After the fork, never before: a TensorFlow model built in the parent hangs in the child.
+    get_runtime()
+
+
+@worker_process_shutdown.connect
+def _stop_in_child(**_: Any) -> None:
+    stop_runtime()
+
+
+@shared_task(name=TASK_PREDICT)
+def predict(job_id: str) -> None:
+    """Classify the upload of job ``job_id``; the result goes to the job's Redis hash."""
+    get_runtime().process(job_id)
