@@ -167,8 +167,13 @@ class PredictionClient:
         )
         pipe.expire(self.keys.job(job_id), ttl)
         pipe.execute()
+        # A message still queued when its upload has expired is dropped by the worker unrun.
         self.celery.send_task(
-            TASK_PREDICT, args=[job_id], task_id=job_id, queue=self.settings.inference_queue
+            TASK_PREDICT,
+            args=[job_id],
+            task_id=job_id,
+            queue=self.settings.inference_queue,
+            expires=ttl,
         )
         return job_id
 

@@ -1,0 +1,117 @@
+"""The whole stack over HTTP: gunicorn + Redis + a Celery worker, with real chest X-rays."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from tests.conftest import CLASSES, ROOT, WorkerProcess, free_port, settings_env, wait_for
+from worker.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+DATA_DIR = os.environ.get("CXR_TEST_DATA_DIR")
+
+
+def real_xrays(per_class: int) -> list[Path]:
+    """The first ``per_class`` test-split images of each class in $CXR_TEST_DATA_DIR."""
+    assert DATA_DIR is not None
+    root = Path(DATA_DIR)
+    split = next((root / s for s in ("test", "val", "train") if (root / s).is_dir()), None)
+    assert split is not None, f"no test/val/train folder in {root}"
+    files: list[Path] = []
+    for cls in sorted(p for p in split.iterdir() if p.is_dir()):
+        files += sorted(f for f in cls.iterdir() if f.suffix.lower() in {".jpg", ".jpeg", ".png"})[
+            :per_class
+        ]
+    return files
+
+
+@pytest.fixture(scope="module")
+def web_url(
+    worker_settings: Settings, live_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """gunicorn serving the app on 127.0.0.1, in front of the session's worker."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("gunicorn") / "web.log"
+    cmd = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
+           "--threads", "4", "web:create_app()"]  # fmt: skip
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=settings_env(worker_settings), stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return requests.get(f"{url}/healthz", timeout=1).ok
+        except requests.ConnectionError:
+            return False
+
+    try:
+        wait_for(up, 30, "gunicorn")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+
+
+def poll(url: str, timeout: float = 60) -> dict[str, Any]:
+    """GET a status URL until the job is finished."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        doc: dict[str, Any] = requests.get(url, timeout=5).json()
+        if doc["status"] in ("done", "failed"):
+            return doc
+        time.sleep(0.05)
+    raise AssertionError(f"{url} not finished after {timeout} s")
+
+
+def test_readyz_reports_the_serving_version(web_url: str) -> None:
+    doc = requests.get(f"{web_url}/readyz", timeout=5).json()
+    assert doc["serving"] is True and doc["model_versions"] == [1]
+    assert all(w["state"] == "serving" for w in doc["workers"])
+
+
+@pytest.mark.skipif(DATA_DIR is None, reason="CXR_TEST_DATA_DIR is not set (.ci/run sets it)")
+def test_real_xrays_through_the_json_api(web_url: str) -> None:
+    images = real_xrays(per_class=4)
+    assert len(images) >= 8
+    status_urls = []
+    for path in images:
+        with path.open("rb") as f:
+            r = requests.post(f"{web_url}/api/v1/predictions", files={"file": f}, timeout=10)
+        assert r.status_code == 202, r.text
+        assert r.headers["Location"] == r.json()["status_url"]
+        status_urls.append(web_url + r.json()["status_url"])
+    for path, url in zip(images, status_urls, strict=True):
+        doc = poll(url)
+        assert doc["status"] == "done", doc
+        assert doc["filename"] == path.name
+        result = doc["result"]
+        assert result["label"] in CLASSES
+        assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+        assert result["model_version"] == 1
+
+
+@pytest.mark.skipif(DATA_DIR is None, reason="CXR_TEST_DATA_DIR is not set (.ci/run sets it)")
+def test_real_xrays_through_the_upload_form(web_url: str) -> None:
+    images = real_xrays(per_class=1)
+    files = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in images]
+    r = requests.post(f"{web_url}/", files=files, timeout=10, allow_redirects=False)
+    assert r.status_code == 303
+    page = requests.get(web_url + r.headers["Location"], timeout=5)
+    assert page.status_code == 200
+    ids = re.findall(r'data-job="([0-9a-f]{32})"', page.text)
+    assert len(ids) == len(images)
+    for job_id in ids:
+        assert poll(f"{web_url}/api/v1/predictions/{job_id}")["status"] == "done"
