@@ -79,11 +79,14 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify each image and print its label and probabilities."""
     from ml.imaging import ImageError, load_image_file, to_model_input
-    from ml.versions import latest_version, load_classifier
+    from ml.versions import latest_version, list_versions, load_classifier
 
-    version = args.version or latest_version(args.model_dir)
+    version = args.version if args.version is not None else latest_version(args.model_dir)
     if version is None:
         print(f"no model version in {args.model_dir}; run `cxr init-model` first", file=sys.stderr)
+        return 2
+    if version not in list_versions(args.model_dir):
+        print(f"no model version {version} in {args.model_dir}", file=sys.stderr)
         return 2
     classifier = load_classifier(args.model_dir, version)
     failures = 0

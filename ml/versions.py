@@ -56,8 +56,12 @@ def list_versions(model_dir: str | os.PathLike[str]) -> list[int]:
     return sorted(
         int(p.name)
         for p in root.iterdir()
-        if p.name.isdigit() and (p / MODEL_FILE).is_file() and (p / METADATA_FILE).is_file()
+        if _is_number(p.name) and (p / MODEL_FILE).is_file() and (p / METADATA_FILE).is_file()
     )
+
+
+def _is_number(name: str) -> bool:
+    return name.isascii() and name.isdigit()
 
 
 def latest_version(model_dir: str | os.PathLike[str]) -> int | None:
@@ -87,8 +91,12 @@ def save_version(
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{uuid.uuid4().hex[:8]}-", dir=root))
     try:
         model.save(staging / MODEL_FILE)
+        # mkdtemp makes the folder private; versions are read by workers that may be other users.
+        staging.chmod(0o755)
+        # Every numbered folder counts, complete or not, so a broken leftover is never reused.
+        version = max((int(p.name) for p in root.iterdir() if _is_number(p.name)), default=0)
         while True:
-            version = (latest_version(root) or 0) + 1
+            version += 1
             metadata = ModelMetadata(
                 version=version,
                 class_names=list(class_names),

@@ -89,7 +89,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(exc: RequestEntityTooLarge) -> tuple[Response | str, int]:
-        limit = app.config["MAX_CONTENT_LENGTH"] / (1024 * 1024)
+        limit = prediction_client().settings.max_upload_mb
         message = f"the upload exceeds the {limit:g} MiB limit"
         if request.path.startswith("/api/"):
             return error_response(413, "too_large", message)
@@ -106,4 +106,9 @@ def register_error_handlers(app: Flask) -> None:
         if not request.path.startswith("/api/"):
             return exc
         code = (exc.name or "error").lower().replace(" ", "_")
-        return error_response(exc.code or 500, code, exc.description or code)
+        response, status = error_response(exc.code or 500, code, exc.description or code)
+        # Keep what the exception says beyond its body, e.g. the Allow header of a 405.
+        for name, value in exc.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response, status

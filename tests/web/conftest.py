@@ -95,7 +95,9 @@ def stored_jobs(redis_client: redis.Redis, settings: Settings) -> list[bytes]:
     ]
 
 
-def small_app(redis_url: str, tmp_path: Path, max_upload_mb: float = 0.01) -> tuple[Flask, Settings]:
+def small_app(
+    redis_url: str, tmp_path: Path, max_upload_mb: float = 0.01
+) -> tuple[Flask, Settings]:
     """An app (and its settings) with a tiny upload limit."""
     from web import create_app
 

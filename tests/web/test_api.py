@@ -37,9 +37,8 @@ from tests.web.conftest import (
     stored_jobs,
     truncated_jpeg,
 )
-
 from worker.app import TASK_PREDICT
-from worker.client import Keys, WorkerInfo
+from worker.client import Keys
 from worker.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -294,10 +293,6 @@ def test_get_on_submit_url_is_json_405(client: FlaskClient) -> None:
     assert_error(client.get(API), 405, "method_not_allowed")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="web/api.py http_error() drops exc.get_headers(), so a 405 has no Allow header",
-)
 def test_405_names_the_allowed_methods(client: FlaskClient) -> None:
     response = client.post(f"{API}/{uuid.uuid4().hex}")
     assert "GET" in response.headers.get("Allow", "")
@@ -355,4 +350,3 @@ def test_web_never_imports_tensorflow(redis_url: str, redis_client: redis.Redis)
     )
     assert result.returncode == 0, result.stderr
     assert redis_client.llen(f"inference-{tag}") == 1
-

@@ -1,0 +1,86 @@
+"""Liveness and readiness endpoints, against a real Redis (and one that is not there)."""
+
+from __future__ import annotations
+
+import redis
+from flask import Flask
+from flask.testing import FlaskClient
+
+from tests.web.conftest import heartbeat
+from worker.settings import Settings
+
+
+def test_healthz(client: FlaskClient) -> None:
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.get_json() == {"status": "ok"}
+
+
+def test_readyz_without_workers(client: FlaskClient) -> None:
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    assert response.get_json() == {
+        "status": "ready",
+        "redis": "ok",
+        "serving": False,
+        "model_versions": [],
+        "workers": [],
+    }
+
+
+def test_readyz_with_a_serving_worker(
+    client: FlaskClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    heartbeat(redis_client, settings, "serving", 1)
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["serving"] is True
+    assert body["model_versions"] == [1]
+    assert body["workers"] == [
+        {"name": "fake:1", "state": "serving", "model_version": 1, "error": None}
+    ]
+
+
+def test_readyz_with_a_worker_without_model(
+    client: FlaskClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    heartbeat(redis_client, settings, "no_model", None)
+    body = client.get("/readyz").get_json()
+    # Redis is fine, so the web process is ready; it only reports that nothing is served.
+    assert body["status"] == "ready"
+    assert body["serving"] is False
+    assert body["model_versions"] == []
+    assert [w["state"] for w in body["workers"]] == ["no_model"]
+
+
+def test_readyz_lists_every_worker_and_version(
+    client: FlaskClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    heartbeat(redis_client, settings, "serving", 2, name="b:1")
+    heartbeat(redis_client, settings, "serving", 1, name="a:1")
+    heartbeat(redis_client, settings, "serving", 2, name="a:2")
+    body = client.get("/readyz").get_json()
+    assert body["model_versions"] == [1, 2]
+    assert [w["name"] for w in body["workers"]] == ["a:1", "a:2", "b:1"]
+
+
+def test_readyz_ignores_other_prefixes(
+    client: FlaskClient, redis_client: redis.Redis, settings: Settings
+) -> None:
+    other = settings.model_copy(update={"key_prefix": settings.key_prefix + "-other"})
+    heartbeat(redis_client, other, "serving", 1)
+    assert client.get("/readyz").get_json()["workers"] == []
+
+
+def test_redis_unreachable(down_app: Flask) -> None:
+    client = down_app.test_client()
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    body = ready.get_json()
+    assert body["status"] == "unavailable"
+    assert body["redis"].startswith("unreachable")
+    # Liveness does not depend on Redis.
+    alive = client.get("/healthz")
+    assert alive.status_code == 200
+    assert alive.get_json() == {"status": "ok"}
