@@ -4,6 +4,8 @@ PYTHON ?= python3
 # The same extras the Dockerfile's worker stage installs (cpu), plus the test tools.
 EXTRAS ?= cpu,test
 BIN := $(VENV)/bin
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: test install system-deps lint typecheck pytest bench clean
 
@@ -12,10 +14,9 @@ test: system-deps install lint typecheck pytest
 system-deps:
 	bash scripts/system-deps.sh
 
-install: $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+install: $(STAMP)
 
-comma := ,
-$(VENV)/.installed-$(subst $(comma),-,$(EXTRAS)): pyproject.toml
+$(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
