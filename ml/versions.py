@@ -1,7 +1,12 @@
-"""Model versions on disk: ``MODEL_DIR/<N>/model.keras`` plus ``metadata.json``.
+"""The model registry on disk: numbered version folders under ``MODEL_DIR``.
 
-A version is written into a hidden temporary folder beside the others and renamed into place, so
-a reader never sees half a version and a crash mid-write leaves none behind.
+``MODEL_DIR/<N>/`` holds ``model.keras``, ``metadata.json`` and, for trained versions,
+``evaluation.json`` and ``curves.png``. A version is written into a hidden staging folder beside
+the others and renamed into place, so a reader never sees half a version and a crash mid-write
+leaves none behind (only a ``.staging-*`` folder, which is ignored).
+
+``MODEL_DIR/active.json`` records the active version for when the shared pointer (kept in Redis by
+the service) is unavailable; it is written atomically too.
 """
 
 from __future__ import annotations
@@ -23,6 +28,19 @@ if TYPE_CHECKING:  # TensorFlow is imported only where a model is saved or loade
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
+EVALUATION_FILE = "evaluation.json"
+CURVES_FILE = "curves.png"
+ACTIVE_FILE = "active.json"
+
+PathLike = str | os.PathLike[str]
+
+
+class VersionNotFoundError(LookupError):
+    """The requested version does not exist (or is incomplete)."""
+
+
+class IncompatibleModelError(ValueError):
+    """A model file does not fit the service's input/output convention."""
 
 
 @dataclass(frozen=True)
@@ -35,12 +53,17 @@ class ModelMetadata:
     base_weights: str | None
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     parent_version: int | None = None
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] = field(default_factory=dict)
+    training_seconds: float | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    job_id: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelMetadata:
         """Read metadata written by :meth:`to_dict`, ignoring keys it does not know."""
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
@@ -48,7 +71,16 @@ class ModelMetadata:
         return asdict(self)
 
 
-def list_versions(model_dir: str | os.PathLike[str]) -> list[int]:
+def _is_number(name: str) -> bool:
+    return name.isascii() and name.isdigit()
+
+
+def version_dir(model_dir: PathLike, version: int) -> Path:
+    """The folder of one version."""
+    return Path(model_dir) / str(version)
+
+
+def list_versions(model_dir: PathLike) -> list[int]:
     """Return the complete version numbers under ``model_dir``, ascending."""
     root = Path(model_dir)
     if not root.is_dir():
@@ -60,29 +92,62 @@ def list_versions(model_dir: str | os.PathLike[str]) -> list[int]:
     )
 
 
-def _is_number(name: str) -> bool:
-    return name.isascii() and name.isdigit()
-
-
-def latest_version(model_dir: str | os.PathLike[str]) -> int | None:
+def latest_version(model_dir: PathLike) -> int | None:
     """Return the highest version number present, or ``None`` when there is none."""
     versions = list_versions(model_dir)
     return versions[-1] if versions else None
 
 
-def read_metadata(model_dir: str | os.PathLike[str], version: int) -> ModelMetadata:
+def has_version(model_dir: PathLike, version: int) -> bool:
+    """Whether ``version`` exists and is complete."""
+    path = version_dir(model_dir, version)
+    return (path / MODEL_FILE).is_file() and (path / METADATA_FILE).is_file()
+
+
+def read_metadata(model_dir: PathLike, version: int) -> ModelMetadata:
     """Read ``metadata.json`` of one version."""
-    path = Path(model_dir) / str(version) / METADATA_FILE
+    if not has_version(model_dir, version):
+        raise VersionNotFoundError(f"no model version {version} in {model_dir}")
+    path = version_dir(model_dir, version) / METADATA_FILE
     return ModelMetadata.from_dict(json.loads(path.read_text()))
+
+
+def read_evaluation(model_dir: PathLike, version: int) -> dict[str, Any] | None:
+    """Read ``evaluation.json`` of one version, or ``None`` when it was never evaluated."""
+    path = version_dir(model_dir, version) / EVALUATION_FILE
+    if not path.is_file():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def curves_path(model_dir: PathLike, version: int) -> Path | None:
+    """The training curves image of one version, if it has one."""
+    path = version_dir(model_dir, version) / CURVES_FILE
+    return path if path.is_file() else None
+
+
+def find_version_by_job(model_dir: PathLike, job_id: str) -> int | None:
+    """Return the version a training job published, if it published one."""
+    for version in list_versions(model_dir):
+        if read_metadata(model_dir, version).job_id == job_id:
+            return version
+    return None
 
 
 def save_version(
     model: keras.Model,
-    model_dir: str | os.PathLike[str],
+    model_dir: PathLike,
     *,
     class_names: list[str],
     base_weights: str | None,
     parent_version: int | None = None,
+    hyperparameters: dict[str, Any] | None = None,
+    dataset: dict[str, Any] | None = None,
+    training_seconds: float | None = None,
+    evaluation: dict[str, Any] | None = None,
+    curves_png: bytes | None = None,
+    job_id: str | None = None,
     extra: dict[str, Any] | None = None,
 ) -> ModelMetadata:
     """Publish ``model`` as the next version number under ``model_dir`` and return its metadata."""
@@ -91,10 +156,19 @@ def save_version(
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{uuid.uuid4().hex[:8]}-", dir=root))
     try:
         model.save(staging / MODEL_FILE)
+        if evaluation is not None:
+            (staging / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2) + "\n")
+        if curves_png is not None:
+            (staging / CURVES_FILE).write_bytes(curves_png)
         # mkdtemp makes the folder private; versions are read by workers that may be other users.
         staging.chmod(0o755)
         # Every numbered folder counts, complete or not, so a broken leftover is never reused.
         version = max((int(p.name) for p in root.iterdir() if _is_number(p.name)), default=0)
+        summary: dict[str, Any] = {
+            k: evaluation[k]
+            for k in ("accuracy", "sensitivity", "specificity", "roc_auc")
+            if evaluation and k in evaluation
+        }
         while True:
             version += 1
             metadata = ModelMetadata(
@@ -103,6 +177,11 @@ def save_version(
                 input_size=int(model.input_shape[1]),
                 base_weights=base_weights,
                 parent_version=parent_version,
+                hyperparameters=dict(hyperparameters or {}),
+                dataset=dict(dataset or {}),
+                training_seconds=training_seconds,
+                metrics=summary,
+                job_id=job_id,
                 extra=dict(extra or {}),
             )
             (staging / METADATA_FILE).write_text(json.dumps(metadata.to_dict(), indent=2) + "\n")
@@ -119,12 +198,84 @@ def save_version(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def load_classifier(model_dir: str | os.PathLike[str], version: int) -> Classifier:
+def check_compatible(model: keras.Model, class_names: list[str]) -> int:
+    """Check ``model`` takes ``(None, S, S, 1)`` and outputs one probability per class; return S."""
+    shape = tuple(model.input_shape)
+    if len(shape) != 4 or shape[1] is None or shape[1] != shape[2] or shape[3] != 1:
+        raise IncompatibleModelError(
+            f"the model's input must be (batch, S, S, 1) grayscale 0..255, got {shape}"
+        )
+    out = tuple(model.output_shape)
+    if len(out) != 2 or out[1] != len(class_names):
+        raise IncompatibleModelError(
+            f"the model's output must be (batch, {len(class_names)}) for classes {class_names}, "
+            f"got {out}"
+        )
+    return int(shape[1])
+
+
+def import_model(
+    source: PathLike,
+    model_dir: PathLike,
+    *,
+    class_names: list[str],
+    base_weights: str | None = None,
+    note: str | None = None,
+) -> ModelMetadata:
+    """Publish an existing Keras model file (e.g. trained in a notebook) as a new version."""
+    import keras
+
+    try:
+        model = keras.saving.load_model(os.fspath(source), compile=False)
+    except (OSError, ValueError) as exc:
+        raise IncompatibleModelError(f"cannot load {source} as a Keras model: {exc}") from exc
+    check_compatible(model, class_names)
+    return save_version(
+        model,
+        model_dir,
+        class_names=class_names,
+        base_weights=base_weights,
+        extra={"imported_from": os.fspath(source), **({"note": note} if note else {})},
+    )
+
+
+def load_classifier(model_dir: PathLike, version: int) -> Classifier:
     """Load one version as a ready-to-call :class:`ml.model.Classifier`."""
     import keras
 
     from ml.model import Classifier
 
     metadata = read_metadata(model_dir, version)
-    model = keras.saving.load_model(Path(model_dir) / str(version) / MODEL_FILE, compile=False)
+    model = keras.saving.load_model(version_dir(model_dir, version) / MODEL_FILE, compile=False)
     return Classifier(model, metadata.class_names, version=metadata.version)
+
+
+def load_model(model_dir: PathLike, version: int) -> keras.Model:
+    """Load one version's Keras model (compiled state dropped), e.g. to fine-tune it further."""
+    import keras
+
+    if not has_version(model_dir, version):
+        raise VersionNotFoundError(f"no model version {version} in {model_dir}")
+    return keras.saving.load_model(version_dir(model_dir, version) / MODEL_FILE, compile=False)
+
+
+def read_active_file(model_dir: PathLike) -> int | None:
+    """The active version recorded in ``active.json``, or ``None``."""
+    path = Path(model_dir) / ACTIVE_FILE
+    try:
+        version = json.loads(path.read_text()).get("version")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(version) if isinstance(version, int) else None
+
+
+def write_active_file(model_dir: PathLike, version: int) -> None:
+    """Record ``version`` as active in ``active.json`` (atomically)."""
+    root = Path(model_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    doc = {"version": version, "changed_at": datetime.now(UTC).isoformat()}
+    fd, tmp = tempfile.mkstemp(prefix=".active-", dir=root)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(doc) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, root / ACTIVE_FILE)

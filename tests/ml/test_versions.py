@@ -92,6 +92,11 @@ def test_metadata_json_content(two_versions: tuple[Path, ModelMetadata, ModelMet
         "base_weights",
         "created_at",
         "parent_version",
+        "hyperparameters",
+        "dataset",
+        "training_seconds",
+        "metrics",
+        "job_id",
         "extra",
     }
     assert doc == second.to_dict()
