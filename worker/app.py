@@ -2,45 +2,71 @@
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 from celery import Celery
 from kombu import Queue
 
 from worker.settings import Settings, get_settings
 
 TASK_PREDICT = "cxr.predict"
+TASK_TRAIN = "cxr.train"
+
+Role = Literal["inference", "trainer", "client"]
 
 
-def create_celery(settings: Settings | None = None) -> Celery:
+def create_celery(settings: Settings | None = None, role: Role = "client") -> Celery:
     """Return a Celery app configured from ``settings`` (the environment by default).
 
-    The web process builds its own instance to send tasks; only a worker imports the tasks.
+    ``client`` (the web process) only sends tasks; ``inference`` and ``trainer`` are the two kinds
+    of worker, each importing only its own tasks and with its own redelivery timing.
     """
     settings = settings or get_settings()
-    app = Celery("cxr", broker=settings.redis_url, include=["worker.tasks"])
+    include = {"inference": ["worker.tasks"], "trainer": ["worker.training"], "client": []}[role]
+    app = Celery("cxr", broker=settings.redis_url, include=include)
+    transport: dict[str, Any] = {
+        "visibility_timeout": settings.visibility_timeout_seconds,
+        # kombu scans for unacknowledged tasks every interval * throttle seconds (10 * 10 by
+        # default); throttle 1 makes the interval the whole delay.
+        "unacked_restore_interval": settings.restore_interval_seconds,
+        "unacked_restore_throttle": 1,
+    }
+    extra: dict[str, Any] = {}
+    if role == "trainer":
+        # kombu's restore scan hands back every message in its unacked set that is older than
+        # *its own* visibility timeout: a trainer's set of its own keeps inference workers (60 s)
+        # from redelivering a training run that is still going.
+        transport |= {
+            "visibility_timeout": settings.training_visibility_timeout_seconds,
+            "unacked_key": f"{settings.key_prefix}:training:unacked",
+            "unacked_index_key": f"{settings.key_prefix}:training:unacked_index",
+            "unacked_mutex_key": f"{settings.key_prefix}:training:unacked_mutex",
+        }
+        # A run must end before its message would be redelivered to another trainer.
+        extra["task_time_limit"] = max(60, settings.training_visibility_timeout_seconds - 60)
+        extra["worker_concurrency"] = 1
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
-        # Results live in cxr's own Redis keys (worker.client), so Celery stores none.
+        # Results live in cxr's own Redis keys (worker.client, worker.jobs): Celery stores none.
         task_ignore_result=True,
-        task_queues=(Queue(settings.inference_queue),),
+        task_queues=(Queue(settings.inference_queue), Queue(settings.training_queue)),
         task_default_queue=settings.inference_queue,
         task_create_missing_queues=False,
-        task_routes={TASK_PREDICT: {"queue": settings.inference_queue}},
+        task_routes={
+            TASK_PREDICT: {"queue": settings.inference_queue},
+            TASK_TRAIN: {"queue": settings.training_queue},
+        },
         # At-least-once: acknowledge after the task ran, and hand the task back if the process
         # running it dies. Each process reserves one task beyond the one it runs.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
-        broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_seconds,
-            # kombu scans for unacknowledged tasks every interval * throttle seconds (10 * 10 by
-            # default); throttle 1 makes the interval the whole delay.
-            "unacked_restore_interval": settings.restore_interval_seconds,
-            "unacked_restore_throttle": 1,
-        },
+        broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
         worker_concurrency=settings.worker_concurrency,
         worker_send_task_events=False,
         task_send_sent_event=False,
+        **extra,
     )
     return app

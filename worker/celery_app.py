@@ -1,5 +1,5 @@
-"""Entry point for ``celery --app worker.celery_app worker``."""
+"""Entry point of inference workers: ``celery --app worker.celery_app worker -Q inference``."""
 
 from worker.app import create_celery
 
-app = create_celery()
+app = create_celery(role="inference")

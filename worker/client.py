@@ -75,6 +75,30 @@ class Keys:
         """Pattern matching every worker heartbeat key."""
         return f"{self.prefix}:worker:*"
 
+    def active_version(self) -> str:
+        """The number of the model version every worker should serve."""
+        return f"{self.prefix}:model:active"
+
+    def model_history(self) -> str:
+        """Stack of previously active versions (newest first), for rollback."""
+        return f"{self.prefix}:model:history"
+
+    def model_audit(self) -> str:
+        """List of JSON audit entries of pointer changes, newest first."""
+        return f"{self.prefix}:model:audit"
+
+    def model_events(self) -> str:
+        """Pub/sub channel announcing pointer changes."""
+        return f"{self.prefix}:model:events"
+
+    def training_job(self, job_id: str) -> str:
+        """Hash of one fine-tuning job: state, parameters, progress, outcome."""
+        return f"{self.prefix}:train:{job_id}"
+
+    def training_index(self) -> str:
+        """Sorted set of fine-tuning job ids by creation time."""
+        return f"{self.prefix}:train:jobs"
+
 
 @dataclass(frozen=True)
 class WorkerInfo:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -47,6 +48,29 @@ class Settings(BaseSettings):
         default=5, gt=0, description="How often workers scan for tasks of crashed workers."
     )
     worker_concurrency: int = Field(default=1, gt=0, description="Worker processes per worker.")
+    training_queue: str = Field(default="training", description="Queue of fine-tuning jobs.")
+    data_dir: Path = Field(
+        default=Path("data"),
+        description="Folder of datasets; a job's `dataset` is a path inside it (trainer only).",
+    )
+    training_visibility_timeout_seconds: int = Field(
+        default=6 * 3600,
+        gt=0,
+        description="A fine-tuning job is redelivered after this long unacknowledged; it is also "
+        "the hard time limit of one run.",
+    )
+    promotion_policy: Literal["if_better", "always", "never"] = Field(
+        default="if_better",
+        description="Default for jobs: promote a new version if at least as good as the active "
+        "one on the same test split, always, or never (manual).",
+    )
+    promotion_metric: Literal["roc_auc", "accuracy", "sensitivity", "specificity"] = Field(
+        default="roc_auc", description="Metric the if_better policy compares."
+    )
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="Bearer token of the admin API and page; unset disables them (never open).",
+    )
 
 
 @lru_cache(maxsize=1)

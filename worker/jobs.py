@@ -1,0 +1,146 @@
+"""Fine-tuning jobs as the web process sees them: the request schema, submit, read, cancel.
+
+TF-free. A job is a Redis hash (``<prefix>:train:<id>``) plus a Celery message on the training
+queue carrying only the id; the trainer worker (``worker.training``) runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import PurePosixPath
+from typing import Any, Literal, cast
+
+import redis
+from celery import Celery
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from worker.app import TASK_TRAIN
+from worker.client import Keys, as_text, is_job_id, new_job_id
+from worker.settings import Settings
+
+JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+FINAL_JOB_STATES = frozenset({"done", "failed", "cancelled"})
+BASES = ("imagenet", "none", "active")
+
+
+class TrainingRequest(BaseModel):
+    """What an administrator may ask of a fine-tuning job (every field has a default)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(
+        default=".",
+        description="Folder inside CXR_DATA_DIR in the Kaggle layout <split>/<CLASS>/*.",
+    )
+    base: str = Field(
+        default="imagenet",
+        description="'imagenet', 'none', 'active' (continue from the active version), "
+        "or a weights file path inside CXR_DATA_DIR.",
+    )
+    input_size: int = Field(default=224, ge=32, le=1024)
+    epochs_head: int = Field(default=5, ge=0, le=500)
+    epochs_finetune: int = Field(default=5, ge=0, le=500)
+    learning_rate_head: float = Field(default=1e-3, gt=0, le=1)
+    learning_rate_finetune: float = Field(default=1e-5, gt=0, le=1)
+    finetune_blocks: int = Field(default=1, ge=0, le=5)
+    batch_size: int = Field(default=32, ge=1, le=1024)
+    augment: bool = True
+    patience: int = Field(default=3, ge=1, le=100)
+    seed: int = 1337
+    max_images_per_class: int | None = Field(default=None, ge=1)
+    promotion: Literal["if_better", "always", "never"] | None = Field(
+        default=None, description="Promotion policy; default CXR_PROMOTION_POLICY."
+    )
+
+    @field_validator("dataset", "base")
+    @classmethod
+    def _inside_data_dir(cls, value: str) -> str:
+        path = PurePosixPath(value)
+        if path.is_absolute() or ".." in path.parts:
+            raise ValueError("must be a relative path inside CXR_DATA_DIR (no '..')")
+        return value
+
+    @field_validator("epochs_finetune")
+    @classmethod
+    def _some_epochs(cls, value: int, info: Any) -> int:
+        if value == 0 and info.data.get("epochs_head") == 0:
+            raise ValueError("epochs_head and epochs_finetune cannot both be 0")
+        return value
+
+
+class TrainingJobs:
+    """Submits, lists, reads and cancels fine-tuning jobs."""
+
+    def __init__(self, settings: Settings, redis_client: redis.Redis, celery: Celery):
+        self.settings = settings
+        self.redis = redis_client
+        self.celery = celery
+        self.keys = Keys(settings.key_prefix)
+
+    def submit(self, request: TrainingRequest, actor: str) -> str:
+        """Record a job and queue it on the training queue; return its id."""
+        job_id = new_job_id()
+        params = request.model_dump()
+        params["promotion"] = params["promotion"] or self.settings.promotion_policy
+        now = time.time()
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(
+            self.keys.training_job(job_id),
+            mapping={
+                "status": "queued",
+                "created_at": now,
+                "actor": actor,
+                "params": json.dumps(params),
+            },
+        )
+        pipe.zadd(self.keys.training_index(), {job_id: now})
+        pipe.execute()
+        self.celery.send_task(
+            TASK_TRAIN, args=[job_id], task_id=job_id, queue=self.settings.training_queue
+        )
+        return job_id
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        """The public state of one job, or ``None`` if there is no such job."""
+        if not is_job_id(job_id):
+            return None
+        raw = self.redis.hgetall(self.keys.training_job(job_id))
+        if not raw:
+            return None
+        job = {as_text(k): as_text(v) for k, v in raw.items()}
+        doc: dict[str, Any] = {"id": job_id, "status": job.get("status", "queued")}
+        for name in ("created_at", "started_at", "finished_at"):
+            if name in job:
+                doc[name] = float(job[name])
+        for name in ("actor", "error"):
+            if name in job:
+                doc[name] = job[name]
+        for name in ("params", "progress", "outcome"):
+            if name in job:
+                doc[name] = json.loads(job[name])
+        doc["cancel_requested"] = job.get("cancel_requested") == "1"
+        return doc
+
+    def list(self, limit: int = 50) -> list[dict[str, Any]]:
+        """The most recent jobs, newest first."""
+        ids = cast(list[bytes], self.redis.zrevrange(self.keys.training_index(), 0, limit - 1))
+        docs = (self.get(as_text(i)) for i in ids)
+        return [d for d in docs if d is not None]
+
+    def cancel(self, job_id: str) -> dict[str, Any] | None:
+        """Ask a job to stop; a queued job is cancelled at once, a running one at its next batch."""
+        key = self.keys.training_job(job_id)
+        doc = self.get(job_id)
+        if doc is None or doc["status"] in FINAL_JOB_STATES:
+            return doc
+
+        def mark(pipe: redis.client.Pipeline) -> None:
+            status = pipe.hget(key, "status")
+            pipe.multi()
+            pipe.hset(key, "cancel_requested", "1")
+            if status is not None and as_text(status) == "queued":
+                pipe.hset(key, mapping={"status": "cancelled", "finished_at": time.time()})
+
+        self.redis.transaction(mark, key)
+        return self.get(job_id)
