@@ -104,6 +104,7 @@ def make_settings(redis_url: str, model_dir: Path, **overrides: object) -> Setti
         "model_dir": model_dir,
         "key_prefix": f"cxrtest-{tag}",
         "inference_queue": f"inference-{tag}",
+        "training_queue": f"training-{tag}",
         "worker_heartbeat_seconds": 0.5,
         "visibility_timeout_seconds": 4,
         "restore_interval_seconds": 1,
@@ -116,6 +117,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
     """The environment that makes a child process use ``settings``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
         env[f"CXR_{name.upper()}"] = str(value)
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
@@ -123,16 +128,20 @@ def settings_env(settings: Settings) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A model folder holding version 1: an untrained 32 px VGG16 classifier (no weights)."""
+    """A model folder whose active version 1 is an untrained 32 px VGG16 classifier.
+
+    Shared by the session: a test that changes the active version works on a copy.
+    """
     import keras
 
     from ml.model import build_classifier
-    from ml.versions import save_version
+    from ml.versions import save_version, write_active_file
 
     model_dir = tmp_path_factory.mktemp("models")
     keras.utils.set_random_seed(0)
     model = build_classifier(CLASSES, input_size=TINY_SIZE, base_weights=None)
     save_version(model, model_dir, class_names=CLASSES, base_weights=None)
+    write_active_file(model_dir, 1)
     return model_dir
 
 
@@ -174,13 +183,19 @@ class WorkerProcess:
 
 
 def start_worker(
-    settings: Settings, log_dir: Path, concurrency: int = 1, name: str = "w"
+    settings: Settings,
+    log_dir: Path,
+    concurrency: int = 1,
+    name: str = "w",
+    trainer: bool = False,
 ) -> WorkerProcess:
-    """Start ``celery worker`` on the settings' inference queue in its own process group."""
+    """Start ``celery worker`` (inference, or the trainer) in its own process group."""
     log_path = log_dir / f"worker-{name}-{uuid.uuid4().hex[:6]}.log"
+    app = "worker.trainer_app" if trainer else "worker.celery_app"
+    queue = settings.training_queue if trainer else settings.inference_queue
     cmd = [
-        sys.executable, "-m", "celery", "--app", "worker.celery_app", "worker",
-        "--queues", settings.inference_queue, "--concurrency", str(concurrency),
+        sys.executable, "-m", "celery", "--app", app, "worker",
+        "--queues", queue, "--concurrency", str(concurrency),
         "--pool", "prefork", "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h",
         "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO",
     ]  # fmt: skip

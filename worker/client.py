@@ -44,8 +44,9 @@ FINAL_STATES: frozenset[str] = frozenset({"done", "failed"})
 
 
 NO_MODEL_MESSAGE = (
-    "No model version is available yet. Create one with `cxr init-model` (README, 'A first "
-    "model'); running workers pick it up within seconds, no restart needed."
+    "No model version is active yet. Create one with `cxr init-model` (README, 'A first model') "
+    "or promote an existing one (`cxr promote N`); running workers pick it up within seconds, "
+    "no restart needed."
 )
 
 
@@ -111,6 +112,7 @@ class WorkerInfo:
     input_size: int | None
     error: str | None
     updated_at: float
+    loaded_at: float | None = None  # when the served version finished loading
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> WorkerInfo:
@@ -124,6 +126,7 @@ class WorkerInfo:
             input_size=data.get("input_size"),
             error=data.get("error"),
             updated_at=float(data.get("updated_at", 0.0)),
+            loaded_at=data.get("loaded_at"),
         )
 
     def to_json(self) -> str:

@@ -1,13 +1,15 @@
-"""The per-process model holder: loads a version after the fork and swaps in newer ones."""
+"""The per-process model holder: loads the active version after the fork and hot-swaps it."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ml.versions import latest_version, load_classifier
+from ml.versions import load_classifier
 
 if TYPE_CHECKING:
     from ml.model import Classifier
@@ -18,18 +20,20 @@ log = logging.getLogger(__name__)
 class ModelHolder:
     """Holds the classifier one worker process serves.
 
-    Loading happens on the process's watcher thread, so a newer version is loaded while the
+    Loading happens on the process's watcher thread, so a new version is loaded while the
     current one keeps serving and replaces it in one reference assignment: a task reads
     :meth:`current` once and uses that classifier to the end. A version that fails to load is
-    not retried until a different version appears; the old one keeps serving.
+    not retried until the wanted version changes again; the old one keeps serving.
     """
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, wanted: Callable[[], int | None]):
         self.model_dir = model_dir
+        self.wanted = wanted
         self._classifier: Classifier | None = None
         self._checked = threading.Event()
         self._failed_version: int | None = None
         self.error: str | None = None
+        self.loaded_at: float | None = None
 
     @property
     def state(self) -> str:
@@ -46,16 +50,20 @@ class ModelHolder:
             self._checked.wait(timeout)
         return self._classifier
 
-    def refresh(self) -> None:
-        """Load the newest version on disk if it differs from the one served (blocking).
+    def refresh(self) -> bool:
+        """Load the wanted version if it differs from the one served; return whether it swapped.
 
         Called from one thread only (the process's model watcher).
         """
         try:
-            wanted = latest_version(self.model_dir)
+            wanted = self.wanted()
             serving = self._classifier.version if self._classifier else None
+            if wanted != self._failed_version:
+                self._failed_version = None
+                if wanted == serving:
+                    self.error = None  # The pointer moved back to what we serve.
             if wanted is None or wanted == serving or wanted == self._failed_version:
-                return
+                return False
             log.info("loading model version %s from %s", wanted, self.model_dir)
             try:
                 classifier = load_classifier(self.model_dir, wanted)
@@ -64,9 +72,11 @@ class ModelHolder:
                 self._failed_version = wanted
                 self.error = f"version {wanted} failed to load: {exc}"
                 log.exception("model version %s failed to load; keeping %s", wanted, serving)
-                return
+                return False
             self._classifier = classifier
             self.error = None
+            self.loaded_at = time.time()
             log.info("serving model version %s (was %s)", wanted, serving)
+            return True
         finally:
             self._checked.set()

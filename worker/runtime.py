@@ -16,6 +16,7 @@ from redis.typing import EncodableT, FieldT
 from ml.imaging import ImageError, decode_image, to_model_input
 from worker.client import FINAL_STATES, NO_MODEL_MESSAGE, Keys, WorkerInfo, as_text
 from worker.holder import ModelHolder
+from worker.registry import ActiveVersion
 from worker.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -31,19 +32,21 @@ class WorkerRuntime:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.redis = redis.Redis.from_url(settings.redis_url)
-        self.holder = ModelHolder(settings.model_dir)
+        self.active = ActiveVersion(self.redis, self.keys, settings.model_dir)
+        self.holder = ModelHolder(settings.model_dir, wanted=self._wanted_version)
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
 
     def start(self) -> None:
-        """Start the thread that loads the model, watches for new versions and reports."""
-        self._thread = threading.Thread(target=self._watch, name="cxr-model-watch", daemon=True)
-        self._thread.start()
+        """Start the threads that load the model, watch the active version and report."""
+        threading.Thread(target=self._watch, name="cxr-model-watch", daemon=True).start()
+        threading.Thread(target=self._listen, name="cxr-model-events", daemon=True).start()
 
     def stop(self) -> None:
         """Stop reporting and remove this process's heartbeat."""
         self._stop.set()
+        self._wake.set()
         try:
             self.redis.delete(self.keys.worker(self.name))
         except redis.RedisError:
@@ -60,18 +63,44 @@ class WorkerRuntime:
             input_size=clf.input_size if clf else None,
             error=self.holder.error,
             updated_at=time.time(),
+            loaded_at=self.holder.loaded_at,
         )
         ttl = max(1, int(self.settings.worker_heartbeat_seconds * 3))
         self.redis.set(self.keys.worker(self.name), info.to_json(), ex=ttl)
 
+    def _wanted_version(self) -> int | None:
+        try:
+            return self.active.get()
+        except redis.RedisError as exc:
+            log.warning("cannot read the active version: %s", exc)
+            serving = self.holder.current()
+            return serving.version if serving else None
+
     def _watch(self) -> None:
-        # Report "loading" first, then once per period: load a newer version if any, report.
+        # Report "loading" first; then, once per period or as soon as a pointer change is
+        # announced: load the active version if it changed, report.
         self._safe_heartbeat()
-        while True:
+        while not self._stop.is_set():
             self.holder.refresh()
             self._safe_heartbeat()
-            if self._stop.wait(self.settings.worker_heartbeat_seconds):
-                return
+            self._wake.wait(self.settings.worker_heartbeat_seconds)
+            self._wake.clear()
+
+    def _listen(self) -> None:
+        # Pub/sub makes a swap start within milliseconds; the periodic check above still covers
+        # a missed message (a reconnect, a Redis restart).
+        while not self._stop.is_set():
+            try:
+                pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(self.keys.model_events())
+                for message in pubsub.listen():
+                    if self._stop.is_set():
+                        return
+                    if message and message.get("type") == "message":
+                        self._wake.set()
+            except redis.RedisError as exc:
+                log.warning("model events subscription lost: %s", exc)
+                self._stop.wait(1.0)
 
     def _safe_heartbeat(self) -> None:
         try:

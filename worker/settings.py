@@ -37,7 +37,10 @@ class Settings(BaseSettings):
         default=3600, gt=0, description="How long uploads, job state and results are kept."
     )
     worker_heartbeat_seconds: float = Field(
-        default=5.0, gt=0, description="How often each worker process reports what it serves."
+        default=2.0,
+        gt=0,
+        description="How often each worker process reports what it serves and checks the active "
+        "version (changes are also announced over pub/sub).",
     )
     visibility_timeout_seconds: int = Field(
         default=60,

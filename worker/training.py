@@ -1,0 +1,281 @@
+"""The fine-tuning task, run by the trainer worker only (queue ``training``, concurrency 1).
+
+dataset → :func:`ml.training.train` → a new registry version → the promotion policy. Progress is
+written to the job's Redis hash after every epoch; cancellation is checked at every batch. A
+cancelled or failed job publishes nothing and leaves the active version alone; a redelivered job
+whose version was already published is marked done, never trained twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+import redis
+from celery import shared_task
+
+from ml.versions import (
+    IncompatibleModelError,
+    VersionNotFoundError,
+    find_version_by_job,
+    load_model,
+    read_metadata,
+    save_version,
+)
+from worker.app import TASK_TRAIN
+from worker.client import Keys, as_text
+from worker.jobs import FINAL_JOB_STATES, TrainingRequest
+from worker.registry import ActiveVersion, PointerError
+from worker.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from ml.training import Dataset, EpochReport, TrainConfig
+
+log = logging.getLogger(__name__)
+
+CANCEL_CHECK_SECONDS = 0.5
+
+
+class JobFailed(Exception):
+    """A job cannot run as asked; the message is shown to the administrator."""
+
+
+class TrainingRunner:
+    """Runs fine-tuning jobs in one trainer process."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.redis = redis.Redis.from_url(settings.redis_url)
+        self.active = ActiveVersion(self.redis, self.keys, settings.model_dir)
+
+    def run(self, job_id: str) -> None:
+        """Run one job from its Redis hash to a final state."""
+        key = self.keys.training_job(job_id)
+        status, params, cancel = self.redis.hmget(key, ["status", "params", "cancel_requested"])
+        if status is None or params is None:
+            log.warning("training job %s is unknown or expired", job_id)
+            return
+        if as_text(status) in FINAL_JOB_STATES:
+            return
+        if cancel is not None and as_text(cancel) == "1":
+            self._finish(job_id, "cancelled")
+            return
+        published = find_version_by_job(self.settings.model_dir, job_id)
+        if published is not None:
+            # Redelivered after an earlier delivery published (the trainer died before the ack).
+            self._finish(job_id, "done", outcome={"version": published, "redelivered": True})
+            return
+        started = time.time()
+        self.redis.hset(
+            key,
+            mapping={
+                "status": "running",
+                "started_at": started,
+                "progress": json.dumps({"stage": "loading dataset"}),
+            },
+        )
+        from ml.training import DatasetError, TrainingCancelled
+
+        try:
+            request = TrainingRequest.model_validate(json.loads(as_text(params)))
+            outcome = self._train(job_id, request)
+        except TrainingCancelled:
+            log.info("training job %s cancelled", job_id)
+            self._finish(job_id, "cancelled")
+        except (
+            JobFailed, DatasetError, IncompatibleModelError, VersionNotFoundError, PointerError,
+            ValueError, OSError,
+        ) as exc:  # fmt: skip
+            log.warning("training job %s failed: %s", job_id, exc)
+            self._finish(job_id, "failed", error=str(exc))
+        except Exception as exc:
+            log.exception("training job %s crashed", job_id)
+            self._finish(job_id, "failed", error=f"{type(exc).__name__}: {exc}")
+        else:
+            self._finish(job_id, "done", outcome=outcome)
+
+    def _train(self, job_id: str, request: TrainingRequest) -> dict[str, Any]:
+        from ml.training import TrainConfig, TrainingCancelled, load_dataset, train
+
+        base_model = None
+        parent: int | None = None
+        base_weights: str | None
+        input_size = request.input_size
+        if request.base == "active":
+            parent = self.active.get()
+            if parent is None:
+                raise JobFailed("base 'active' asked for, but no version is active")
+            base_model = load_model(self.settings.model_dir, parent)
+            input_size = int(base_model.input_shape[1])
+            base_weights = None
+            base_label = f"version {parent}"
+        elif request.base in ("imagenet", "none"):
+            base_weights = None if request.base == "none" else "imagenet"
+            base_label = request.base
+        else:
+            path = self.settings.data_dir / request.base
+            if not path.is_file():
+                raise JobFailed(f"weights file {request.base!r} not found in CXR_DATA_DIR")
+            base_weights = os.fspath(path)
+            base_label = request.base
+        config = TrainConfig(
+            input_size=input_size,
+            epochs_head=request.epochs_head,
+            epochs_finetune=request.epochs_finetune,
+            learning_rate_head=request.learning_rate_head,
+            learning_rate_finetune=request.learning_rate_finetune,
+            finetune_blocks=request.finetune_blocks,
+            batch_size=request.batch_size,
+            seed=request.seed,
+            augment=request.augment,
+            patience=request.patience,
+            max_images_per_class=request.max_images_per_class,
+            base_weights=base_weights,
+        )
+        root = self.settings.data_dir / request.dataset
+        if not root.is_dir():
+            raise JobFailed(f"dataset {request.dataset!r} not found in CXR_DATA_DIR")
+        dataset = load_dataset(root, config)
+        should_stop = self._cancel_check(job_id)
+        result = train(
+            config,
+            dataset,
+            base_model=base_model,
+            on_epoch=lambda report: self._progress(job_id, report),
+            should_stop=should_stop,
+        )
+        if should_stop(force=True):
+            raise TrainingCancelled()
+        metadata = save_version(
+            result.model,
+            self.settings.model_dir,
+            class_names=dataset.class_names,
+            base_weights=base_label,
+            parent_version=parent,
+            hyperparameters={**config.to_dict(), "promotion": request.promotion},
+            dataset={**dataset.fingerprint, "path": request.dataset, "skipped": dataset.skipped},
+            training_seconds=round(result.seconds, 1),
+            evaluation=result.evaluation,
+            curves_png=result.curves_png,
+            job_id=job_id,
+        )
+        promotion = self._apply_policy(
+            job_id, request.promotion or "if_better", metadata.version, result.evaluation, config,
+            root,
+        )  # fmt: skip
+        return {
+            "version": metadata.version,
+            "metrics": metadata.metrics,
+            "training_seconds": metadata.training_seconds,
+            "skipped_files": len(dataset.skipped),
+            "promotion": promotion,
+        }
+
+    def _apply_policy(
+        self,
+        job_id: str,
+        policy: str,
+        version: int,
+        evaluation: dict[str, Any],
+        config: TrainConfig,
+        root: os.PathLike[str],
+    ) -> dict[str, Any]:
+        metric = self.settings.promotion_metric
+        active = self.active.get()
+        decision: dict[str, Any] = {
+            "policy": policy,
+            "metric": metric,
+            "candidate": evaluation.get(metric),
+            "active_version": active,
+            "active": None,
+        }
+        actor = f"training job {job_id}"
+        if policy == "never":
+            return decision | {"promoted": False, "reason": "policy 'never': promote by hand"}
+        if policy == "always" or active is None:
+            why = "policy 'always'" if policy == "always" else "no version was active"
+            self.active.set(version, actor=actor, reason=why)
+            return decision | {"promoted": True, "reason": why}
+        compared = self._score_active(active, config, root)
+        if compared is None:
+            why = f"version {active} cannot be scored on this dataset (other classes)"
+            return decision | {"promoted": False, "reason": why}
+        current = decision["active"] = compared.get(metric)
+        candidate = decision["candidate"]
+        if candidate is not None and (current is None or candidate >= current):
+            why = f"{metric} {candidate} >= {current} of version {active} on the same test split"
+            self.active.set(version, actor=actor, reason=why)
+            return decision | {"promoted": True, "reason": why}
+        why = f"{metric} {candidate} < {current} of version {active}: kept as a candidate"
+        return decision | {"promoted": False, "reason": why}
+
+    def _score_active(
+        self, active: int, config: TrainConfig, root: os.PathLike[str]
+    ) -> dict[str, Any] | None:
+        """The active version's evaluation on the same test split as the candidate's."""
+        from ml.training import evaluate_model, load_dataset
+
+        meta = read_metadata(self.settings.model_dir, active)
+        data: Dataset = load_dataset(root, dataclasses.replace(config, input_size=meta.input_size))
+        if data.class_names != meta.class_names:
+            return None
+        model = load_model(self.settings.model_dir, active)
+        return evaluate_model(model, data.x_test, data.y_test, data.class_names)
+
+    def _progress(self, job_id: str, report: EpochReport) -> None:
+        doc = {"stage": "training", **dataclasses.asdict(report)}
+        self.redis.hset(self.keys.training_job(job_id), "progress", json.dumps(doc))
+
+    def _cancel_check(self, job_id: str) -> Any:
+        key = self.keys.training_job(job_id)
+        last = 0.0
+        requested = False
+
+        def should_stop(force: bool = False) -> bool:
+            # Called after every batch: ask Redis at most every CANCEL_CHECK_SECONDS.
+            nonlocal last, requested
+            now = time.monotonic()
+            if not requested and (force or now - last >= CANCEL_CHECK_SECONDS):
+                last = now
+                flag = self.redis.hget(key, "cancel_requested")
+                requested = flag is not None and as_text(flag) == "1"
+            return requested
+
+        return should_stop
+
+    def _finish(
+        self,
+        job_id: str,
+        status: str,
+        *,
+        outcome: dict[str, Any] | None = None,
+        error: str | None = None,
+    ) -> None:
+        fields: dict[str, str | float] = {"status": status, "finished_at": time.time()}
+        if outcome is not None:
+            fields["outcome"] = json.dumps(outcome)
+        if error is not None:
+            fields["error"] = error
+        self.redis.hset(self.keys.training_job(job_id), mapping=fields)  # type: ignore[arg-type]
+
+
+_runner: TrainingRunner | None = None
+
+
+def get_runner() -> TrainingRunner:
+    """This process's runner (created on first use, after the fork)."""
+    global _runner
+    if _runner is None:
+        _runner = TrainingRunner(get_settings())
+    return _runner
+
+
+@shared_task(name=TASK_TRAIN)
+def train_model(job_id: str) -> None:
+    """Run fine-tuning job ``job_id``; its state and outcome go to the job's Redis hash."""
+    get_runner().run(job_id)
