@@ -44,7 +44,6 @@ def create_celery(settings: Settings | None = None, role: Role = "client") -> Ce
         }
         # A run must end before its message would be redelivered to another trainer.
         extra["task_time_limit"] = max(60, settings.training_visibility_timeout_seconds - 60)
-        extra["worker_concurrency"] = 1
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],
@@ -64,7 +63,8 @@ def create_celery(settings: Settings | None = None, role: Role = "client") -> Ce
         worker_prefetch_multiplier=1,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
-        worker_concurrency=settings.worker_concurrency,
+        # One fine-tuning run at a time: it uses every core and most of the memory.
+        worker_concurrency=1 if role == "trainer" else settings.worker_concurrency,
         worker_send_task_events=False,
         task_send_sent_event=False,
         **extra,
