@@ -13,9 +13,14 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_ROOT_USER_ACTION=ignore
 # Fixed uid/gid so files in named volumes keep one owner across rebuilds; USER uses the number
 # so runtimes can verify it is not root.
+# /models is the mount point of the shared `models` volume in both images: Docker copies the
+# ownership of the first container's mount point into a new, empty named volume, so whichever
+# service starts first, the volume ends up writable by cxr.
 RUN groupadd --system --gid 10001 cxr \
     && useradd --system --uid 10001 --gid cxr --create-home --home-dir /home/cxr \
-       --shell /usr/sbin/nologin cxr
+       --shell /usr/sbin/nologin cxr \
+    && mkdir -p /models \
+    && chown cxr:cxr /models
 WORKDIR /app
 # Dependencies are installed from pyproject.toml with empty stand-in packages first, so editing
 # the source reuses the (large, for TensorFlow) dependency layer; the real source follows.
@@ -51,8 +56,8 @@ RUN mkdir -p web worker ml \
 # KERAS_HOME must be writable by the runtime user: Keras falls back to /tmp/.keras (and so would
 # download again) when it is not. /models is the mount point of the `models` volume; Docker copies
 # its ownership into a new, empty named volume, so the worker can publish model versions there.
-RUN mkdir -p /opt/keras /models \
-    && chown cxr:cxr /opt/keras /models
+RUN mkdir -p /opt/keras \
+    && chown cxr:cxr /opt/keras
 # Fetch the ImageNet VGG16 weights now, as the runtime user, so containers start offline.
 USER 10001:10001
 RUN python -c "import keras; keras.applications.VGG16(include_top=False, weights='imagenet')"

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token of the admin API and page; unset disables them (never open).",
     )
+
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        # CXR_ADMIN_TOKEN= (set but empty, as compose passes an unset variable) disables the
+        # admin API instead of accepting an empty bearer token.
+        return None if value is None or str(value).strip() == "" else value
 
 
 @lru_cache(maxsize=1)
