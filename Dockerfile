@@ -54,8 +54,7 @@ RUN mkdir -p web worker ml \
     && pip install --no-cache-dir "./[${TF_EXTRA}]" \
     && rm -rf build ./*.egg-info web worker ml
 # KERAS_HOME must be writable by the runtime user: Keras falls back to /tmp/.keras (and so would
-# download again) when it is not. /models is the mount point of the `models` volume; Docker copies
-# its ownership into a new, empty named volume, so the worker can publish model versions there.
+# download again) when it is not.
 RUN mkdir -p /opt/keras \
     && chown cxr:cxr /opt/keras
 # Fetch the ImageNet VGG16 weights now, as the runtime user, so containers start offline.

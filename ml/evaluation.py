@@ -165,10 +165,16 @@ def plot_curves(
     FigureCanvasAgg(fig)
     epochs = [int(row["epoch"]) for row in history]
     finetune_start = next((int(row["epoch"]) for row in history if row.get("phase") == 2), None)
-    panels = [("loss", "Loss"), ("accuracy", "Accuracy"), ("auc", "ROC AUC (disease vs negative class)")]
+    panels = [
+        ("loss", "Loss"),
+        ("accuracy", "Accuracy"),
+        ("auc", "ROC AUC (disease vs negative class)"),
+    ]
     for ax, (key, title) in zip(fig.subplots(1, 3), panels, strict=True):
         ax.plot(epochs, _series(history, key), marker="o", markersize=3, label="train")
-        ax.plot(epochs, _series(history, f"val_{key}"), marker="o", markersize=3, label="validation")
+        ax.plot(
+            epochs, _series(history, f"val_{key}"), marker="o", markersize=3, label="validation"
+        )
         if finetune_start is not None:
             ax.axvline(finetune_start - 0.5, color="grey", linestyle="--", linewidth=1)
             ax.text(

@@ -9,7 +9,9 @@ import redis
 from flask import Flask, current_app
 
 from worker.app import create_celery
-from worker.client import PredictionClient
+from worker.client import Keys, PredictionClient
+from worker.jobs import TrainingJobs
+from worker.registry import ActiveVersion
 from worker.settings import Settings, get_settings
 
 
@@ -35,20 +37,28 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def register_extensions(app: Flask, settings: Settings) -> None:
-    """Attach settings, a Redis client and a Celery app used only to send tasks."""
+    """Attach settings, a Redis client, a send-only Celery app, the pointer and the job client."""
     redis_client = redis.Redis.from_url(
         settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
     )
-    app.extensions["cxr"] = PredictionClient(settings, redis_client, create_celery(settings))
+    celery = create_celery(settings)
+    app.extensions["cxr"] = PredictionClient(settings, redis_client, celery)
+    # The admin API's view of the active-version pointer and of fine-tuning jobs (both TF-free).
+    app.extensions["cxr_registry"] = ActiveVersion(
+        redis_client, Keys(settings.key_prefix), settings.model_dir
+    )
+    app.extensions["cxr_jobs"] = TrainingJobs(settings, redis_client, celery)
 
 
 def register_blueprints(app: Flask) -> None:
-    """Register the pages, API and health blueprints and their error handlers."""
-    from web import api, health, pages
+    """Register the pages, API, health and admin blueprints and their error handlers."""
+    from web import admin, api, health, pages
 
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(admin.pages_bp)
     api.register_error_handlers(app)
 
 
