@@ -188,6 +188,7 @@ def start_worker(
     concurrency: int = 1,
     name: str = "w",
     trainer: bool = False,
+    pool: str = "prefork",
 ) -> WorkerProcess:
     """Start ``celery worker`` (inference, or the trainer) in its own process group."""
     log_path = log_dir / f"worker-{name}-{uuid.uuid4().hex[:6]}.log"
@@ -196,7 +197,7 @@ def start_worker(
     cmd = [
         sys.executable, "-m", "celery", "--app", app, "worker",
         "--queues", queue, "--concurrency", str(concurrency),
-        "--pool", "prefork", "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h",
+        "--pool", pool, "--hostname", f"{name}-{uuid.uuid4().hex[:6]}@%h",
         "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO",
     ]  # fmt: skip
     with log_path.open("wb") as out:

@@ -13,7 +13,8 @@ from typing import Any
 import redis
 from redis.typing import EncodableT, FieldT
 
-from ml.imaging import ImageError, decode_image, to_model_input
+from ml.imaging import ImageError, decode_image
+from worker.batcher import Batcher, NoModelAvailable
 from worker.client import FINAL_STATES, NO_MODEL_MESSAGE, Keys, WorkerInfo, as_text
 from worker.holder import ModelHolder
 from worker.registry import ActiveVersion
@@ -23,6 +24,8 @@ log = logging.getLogger(__name__)
 
 # How long a task waits for the first model load of a freshly started process.
 FIRST_LOAD_WAIT_SECONDS = 120.0
+# A prediction whose batch has not run by then fails instead of holding its task forever.
+PREDICT_TIMEOUT_SECONDS = 300.0
 
 
 class WorkerRuntime:
@@ -34,6 +37,11 @@ class WorkerRuntime:
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.active = ActiveVersion(self.redis, self.keys, settings.model_dir)
         self.holder = ModelHolder(settings.model_dir, wanted=self._wanted_version)
+        self.batcher = Batcher(
+            self.holder.current,
+            max_batch=settings.batch_max_size,
+            max_delay_s=settings.batch_max_delay_ms / 1000,
+        )
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -111,7 +119,10 @@ class WorkerRuntime:
     def process(self, job_id: str) -> None:
         """Classify the upload of one job and store its result or error."""
         job_key, upload_key = self.keys.job(job_id), self.keys.upload(job_id)
-        status, created_at = self.redis.hmget(job_key, ["status", "created_at"])
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(job_key, ["status", "created_at"])
+        pipe.get(upload_key)
+        (status, created_at), data = pipe.execute()
         if status is None:
             log.warning("job %s expired before it was processed", job_id)
             self.redis.delete(upload_key)
@@ -120,34 +131,36 @@ class WorkerRuntime:
             return  # A redelivered task whose result was already stored.
         started = time.time()
         self.redis.hset(job_key, mapping={"status": "running", "started_at": started})
-        data = self.redis.get(upload_key)
         if not isinstance(data, bytes):
             self._finish(job_id, error="The upload expired before a worker could process it.")
             return
-        classifier = self.holder.current(timeout=FIRST_LOAD_WAIT_SECONDS)
-        if classifier is None:
+        if self.holder.current(timeout=FIRST_LOAD_WAIT_SECONDS) is None:
             self._finish(job_id, error=NO_MODEL_MESSAGE)
             return
         try:
             t0 = time.perf_counter()
             gray = decode_image(data, max_pixels=self.settings.max_image_pixels)
-            x = to_model_input(gray, classifier.input_size)
             t1 = time.perf_counter()
-            probs = classifier.predict_batch(x[None])[0]
-            t2 = time.perf_counter()
+            batch = self.batcher.predict(gray, timeout=PREDICT_TIMEOUT_SECONDS)
         except ImageError as exc:
             self._finish(job_id, error=f"Image rejected by the worker: {exc}")
             return
-        prediction = classifier.to_prediction(probs)
+        except NoModelAvailable:
+            self._finish(job_id, error=NO_MODEL_MESSAGE)
+            return
+        classifier = batch.classifier
+        prediction = classifier.to_prediction(batch.probabilities)
         queued_ms = (started - float(created_at)) * 1000 if created_at else None
         result: dict[str, Any] = {
             "label": prediction.label,
             "probabilities": prediction.probabilities,
             "model_version": classifier.version,
+            "batch_size": batch.batch_size,
             "timings_ms": {
                 "queue": round(queued_ms, 2) if queued_ms is not None else None,
-                "preprocess": round((t1 - t0) * 1000, 2),
-                "model": round((t2 - t1) * 1000, 2),
+                "decode": round((t1 - t0) * 1000, 2),
+                "batch_wait": round(batch.waited_s * 1000, 2),
+                "model": round(batch.model_s * 1000, 2),
                 "worker_total": round((time.time() - started) * 1000, 2),
             },
         }
@@ -173,16 +186,18 @@ class WorkerRuntime:
 
 _runtime: WorkerRuntime | None = None
 _runtime_pid: int | None = None
+_runtime_lock = threading.Lock()
 
 
 def get_runtime() -> WorkerRuntime:
     """Return this process's runtime, creating and starting it on first use after a fork."""
     global _runtime, _runtime_pid
-    if _runtime is None or _runtime_pid != os.getpid():
-        _runtime = WorkerRuntime(get_settings())
-        _runtime_pid = os.getpid()
-        _runtime.start()
-    return _runtime
+    with _runtime_lock:  # the threads pool runs tasks on many threads of one process
+        if _runtime is None or _runtime_pid != os.getpid():
+            _runtime = WorkerRuntime(get_settings())
+            _runtime_pid = os.getpid()
+            _runtime.start()
+        return _runtime
 
 
 def stop_runtime() -> None:

@@ -51,6 +51,17 @@ class Settings(BaseSettings):
         default=5, gt=0, description="How often workers scan for tasks of crashed workers."
     )
     worker_concurrency: int = Field(default=1, gt=0, description="Worker processes per worker.")
+    batch_max_size: int = Field(
+        default=16,
+        ge=1,
+        description="Most predictions one model call takes (1 turns dynamic batching off). "
+        "Batches form in a worker run with `--pool threads --concurrency >= this`.",
+    )
+    batch_max_delay_ms: float = Field(
+        default=5.0,
+        ge=0,
+        description="Longest a prediction waits for others to join its batch.",
+    )
     training_queue: str = Field(default="training", description="Queue of fine-tuning jobs.")
     data_dir: Path = Field(
         default=Path("data"),
@@ -74,7 +85,6 @@ class Settings(BaseSettings):
         default=None,
         description="Bearer token of the admin API and page; unset disables them (never open).",
     )
-
 
     @field_validator("admin_token", mode="before")
     @classmethod

@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from celery import shared_task
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import (
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from worker.app import TASK_PREDICT
 from worker.runtime import get_runtime, stop_runtime
@@ -17,8 +22,18 @@ def _start_in_child(**_: Any) -> None:
     get_runtime()
 
 
+@worker_ready.connect
+def _start_in_threads_pool(sender: Any = None, **_: Any) -> None:
+    # The threads (or solo) pool runs tasks in this very process: load the model now instead of
+    # on the first task. A prefork parent must not (see above); its children did already.
+    pool = getattr(sender, "pool", None)
+    if pool is not None and "prefork" not in type(pool).__module__:
+        get_runtime()
+
+
 @worker_process_shutdown.connect
-def _stop_in_child(**_: Any) -> None:
+@worker_shutdown.connect
+def _stop(**_: Any) -> None:
     stop_runtime()
 
 

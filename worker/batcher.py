@@ -1,0 +1,135 @@
+"""Dynamic batching: predictions that arrive while the model is busy share one model call.
+
+Each task thread hands its decoded image to :meth:`Batcher.predict` and waits. One model thread
+takes the first waiting image, gathers more until ``max_batch`` or until ``max_delay`` has passed
+since the first arrived, and runs them through one compiled call. The model is read from the
+holder once per batch, so a hot-swap happens only between batches and every image of a batch is
+classified by the same version.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ml.imaging import to_model_input
+
+if TYPE_CHECKING:
+    from ml.model import Classifier
+
+log = logging.getLogger(__name__)
+
+
+class NoModelAvailable(RuntimeError):
+    """No model version is loaded in this process."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """One image's share of a batch."""
+
+    classifier: Classifier
+    probabilities: np.ndarray
+    batch_size: int
+    waited_s: float  # from hand-over to the start of the model call
+    model_s: float  # the whole batch's model call
+
+
+@dataclass
+class _Pending:
+    image: np.ndarray
+    arrived: float
+    future: Future[BatchResult]
+
+
+class Batcher:
+    """Groups concurrent single-image predictions of one process into batched model calls."""
+
+    def __init__(
+        self,
+        current: Callable[[], Classifier | None],
+        max_batch: int = 16,
+        max_delay_s: float = 0.005,
+        on_batch: Callable[[int, float, int | None], None] | None = None,
+    ):
+        if max_batch < 1 or max_delay_s < 0:
+            raise ValueError("max_batch must be >= 1 and max_delay_s >= 0")
+        self.current = current
+        self.max_batch = max_batch
+        self.max_delay_s = max_delay_s
+        self.on_batch = on_batch
+        self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="cxr-batcher", daemon=True)
+        self._thread.start()
+
+    def predict(self, image: np.ndarray, timeout: float | None = None) -> BatchResult:
+        """Classify one 2-D uint8 grayscale image; blocks until its batch has run."""
+        pending = _Pending(image, time.perf_counter(), Future())
+        self._queue.put(pending)
+        return pending.future.result(timeout)
+
+    def _gather(self) -> list[_Pending]:
+        batch = [self._queue.get()]
+        deadline = batch[0].arrived + self.max_delay_s
+        while len(batch) < self.max_batch:
+            # Whatever is already waiting joins at once; beyond that, wait out the delay.
+            try:
+                batch.append(self._queue.get_nowait())
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(self._queue.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._gather()
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # never let the model thread die
+                log.exception("batch of %d failed", len(batch))
+                for p in batch:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        classifier = self.current()
+        if classifier is None:
+            for p in batch:
+                p.future.set_exception(NoModelAvailable("no model version is loaded"))
+            return
+        try:
+            x = np.stack([to_model_input(p.image, classifier.input_size) for p in batch])
+            started = time.perf_counter()
+            probs = classifier.predict_batch(x)
+            model_s = time.perf_counter() - started
+        except Exception as exc:
+            if len(batch) == 1:
+                batch[0].future.set_exception(exc)
+                return
+            # One image can break a whole call (an odd shape, memory): run each alone so only
+            # the culprit fails.
+            log.warning("batch of %d failed (%s); retrying one by one", len(batch), exc)
+            for p in batch:
+                self._run_batch([p])
+            return
+        if self.on_batch is not None:
+            self.on_batch(len(batch), model_s, classifier.version)
+        for row, p in zip(probs, batch, strict=True):
+            p.future.set_result(
+                BatchResult(classifier, row, len(batch), started - p.arrived, model_s)
+            )
