@@ -21,6 +21,9 @@ from worker.client import (
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
+# Longest a status request may be held open; below the Redis client's socket timeout.
+MAX_WAIT_SECONDS = 20.0
+
 # The HTTP status for each kind of refused upload.
 IMAGE_ERROR_STATUS: dict[type[ImageError], int] = {
     EmptyImageError: 400,
@@ -71,8 +74,16 @@ def create_prediction() -> tuple[Response, int] | Response:
 
 @bp.get("/predictions/<job_id>")
 def get_prediction(job_id: str) -> tuple[Response, int] | Response:
-    """Return the state of a prediction: queued, running, done (with result) or failed."""
-    doc = prediction_client().status(job_id)
+    """Return the state of a prediction: queued, running, done (with result) or failed.
+
+    ``?wait=S`` (up to MAX_WAIT_SECONDS) holds the answer until the job finishes or S seconds
+    pass, so a client needs one request rather than a polling loop.
+    """
+    try:
+        wait = min(float(request.args.get("wait", 0)), MAX_WAIT_SECONDS)
+    except ValueError:
+        return error_response(400, "invalid_wait", "wait must be a number of seconds")
+    doc = prediction_client().status(job_id, wait=max(0.0, wait))
     if doc is None:
         ttl = prediction_client().settings.result_ttl_seconds
         return error_response(

@@ -64,6 +64,10 @@ class Keys:
         """Hash of one prediction job: status, timestamps, result JSON or error."""
         return f"{self.prefix}:job:{job_id}"
 
+    def done(self, job_id: str) -> str:
+        """A list that receives one token when the job finishes (for long-polling clients)."""
+        return f"{self.prefix}:done:{job_id}"
+
     def upload(self, job_id: str) -> str:
         """The uploaded image bytes of one job, deleted once the job is finished."""
         return f"{self.prefix}:upload:{job_id}"
@@ -204,11 +208,22 @@ class PredictionClient:
         )
         return job_id
 
-    def status(self, job_id: str) -> dict[str, Any] | None:
-        """Return the public state of a job, or ``None`` when it is unknown or expired."""
+    def status(self, job_id: str, wait: float = 0.0) -> dict[str, Any] | None:
+        """Return the public state of a job, or ``None`` when it is unknown or expired.
+
+        With ``wait`` > 0, a job that is not finished yet is waited for, up to ``wait`` seconds
+        (long polling: one request instead of many).
+        """
         if not is_job_id(job_id):
             return None
         raw = self.redis.hgetall(self.keys.job(job_id))
+        if raw and wait > 0 and as_text(raw.get(b"status", b"queued")) not in FINAL_STATES:
+            done = self.keys.done(job_id)
+            if self.redis.blpop([done], timeout=wait) is not None:
+                # Put the token back for any other client waiting on the same job.
+                self.redis.rpush(done, 1)
+                self.redis.expire(done, self.settings.result_ttl_seconds)
+            raw = self.redis.hgetall(self.keys.job(job_id))
         if not raw:
             return None
         job = {as_text(k): as_text(v) for k, v in raw.items()}

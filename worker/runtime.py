@@ -181,6 +181,8 @@ class WorkerRuntime:
         pipe.hset(self.keys.job(job_id), mapping=fields)
         pipe.expire(self.keys.job(job_id), self.settings.result_ttl_seconds)
         pipe.delete(self.keys.upload(job_id))
+        pipe.rpush(self.keys.done(job_id), 1)
+        pipe.expire(self.keys.done(job_id), self.settings.result_ttl_seconds)
         pipe.execute()
 
 

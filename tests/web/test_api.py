@@ -350,3 +350,16 @@ def test_web_never_imports_tensorflow(redis_url: str, redis_client: redis.Redis)
     )
     assert result.returncode == 0, result.stderr
     assert redis_client.llen(f"inference-{tag}") == 1
+
+
+def test_long_poll_without_a_worker_times_out_as_queued(client: FlaskClient) -> None:
+    response = client.post(API, data={"file": (io.BytesIO(png()), "x.png")})
+    started = time.monotonic()
+    doc = client.get(response.headers["Location"] + "?wait=0.5").get_json()
+    assert doc["status"] == "queued"
+    assert 0.4 < time.monotonic() - started < 5
+
+
+def test_long_poll_rejects_a_bad_wait(client: FlaskClient) -> None:
+    response = client.post(API, data={"file": (io.BytesIO(png()), "x.png")})
+    assert_error(client.get(response.headers["Location"] + "?wait=soon"), 400, "invalid_wait")

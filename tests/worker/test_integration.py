@@ -69,6 +69,21 @@ def test_upload_poll_done(live_app: Flask) -> None:
     assert doc["elapsed_ms"] > 0
 
 
+def test_long_poll_answers_in_one_request(live_app: Flask) -> None:
+    client = live_app.test_client()
+    response = client.post(
+        "/api/v1/predictions", data={"file": (io.BytesIO(png_bytes(2)), "b.png")}
+    )
+    started = time.monotonic()
+    doc = client.get(response.headers["Location"] + "?wait=15").get_json()
+    assert doc["status"] == "done", doc
+    assert time.monotonic() - started < 15
+    assert_well_formed(doc["result"])
+    # Asking again (or a second waiter) returns at once.
+    again = client.get(response.headers["Location"] + "?wait=15").get_json()
+    assert again["status"] == "done"
+
+
 def test_burst_of_50_concurrent_uploads_all_complete(
     live_app: Flask, live_worker: WorkerProcess
 ) -> None:
