@@ -39,7 +39,7 @@ RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build ./*.egg-info
 USER 10001:10001
 EXPOSE 8000
-CMD ["gunicorn", "--bind", "0.0.0.0:8000", "--workers", "2", "--threads", "4", "--access-logfile", "-", "web:create_app()"]
+CMD ["gunicorn", "--config", "python:web.gunicorn_conf", "--bind", "0.0.0.0:8000", "web:create_app()"]
 
 
 FROM base AS worker
@@ -68,4 +68,4 @@ COPY ml/ ml/
 RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build ./*.egg-info
 USER 10001:10001
-CMD ["celery", "--app", "worker.celery_app", "worker", "--queues", "inference", "--concurrency", "1", "--hostname", "inference@%h", "--loglevel", "INFO"]
+CMD ["celery", "--app", "worker.celery_app", "worker", "--queues", "inference", "--pool", "threads", "--concurrency", "16", "--hostname", "inference@%h", "--loglevel", "INFO"]

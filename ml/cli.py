@@ -465,12 +465,14 @@ def cmd_train(args: argparse.Namespace, api: AdminApi) -> int:
     )  # fmt: skip
     body = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     doc = api.call("POST", "/training-jobs", body)
-    if args.json_output:
-        print_json(doc)
-    else:
-        print(doc["id"])
     if not args.wait:
+        if args.json_output:
+            print_json(doc)
+        else:
+            print(doc["id"])
         return 0
+    if not args.json_output:  # with --json, only the final job document is printed
+        print(doc["id"], flush=True)
     return follow_job(api, doc["id"], args.poll_seconds, args.json_output)
 
 

@@ -266,7 +266,8 @@ def read_active_file(model_dir: PathLike) -> int | None:
         version = json.loads(path.read_text()).get("version")
     except (OSError, ValueError, AttributeError):
         return None
-    return int(version) if isinstance(version, int) else None
+    is_number = isinstance(version, int) and not isinstance(version, bool)
+    return int(version) if is_number else None
 
 
 def write_active_file(model_dir: PathLike, version: int) -> None:

@@ -38,8 +38,10 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 def register_extensions(app: Flask, settings: Settings) -> None:
     """Attach settings, a Redis client, a send-only Celery app, the pointer and the job client."""
+    # socket_timeout stays above api.MAX_WAIT_SECONDS: long-polling status requests block in
+    # Redis (BLPOP) that long.
     redis_client = redis.Redis.from_url(
-        settings.redis_url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30
+        settings.redis_url, socket_timeout=30, socket_connect_timeout=2, health_check_interval=30
     )
     celery = create_celery(settings)
     app.extensions["cxr"] = PredictionClient(settings, redis_client, celery)
@@ -51,9 +53,12 @@ def register_extensions(app: Flask, settings: Settings) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    """Register the pages, API, health and admin blueprints and their error handlers."""
-    from web import admin, api, health, pages
+    """Register the pages, API, health, admin and metrics blueprints and error handlers."""
+    # Imported here, not at the top: gunicorn's config must set PROMETHEUS_MULTIPROC_DIR before
+    # prometheus_client (imported by web.metrics) is first imported.
+    from web import admin, api, health, metrics, pages
 
+    metrics.instrument(app)
     app.register_blueprint(pages.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(health.bp)

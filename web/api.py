@@ -9,7 +9,7 @@ from flask import Blueprint, Flask, Response, jsonify, render_template, request,
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from web import prediction_client
+from web import metrics, prediction_client
 from worker.client import (
     CorruptImageError,
     EmptyImageError,
@@ -55,6 +55,7 @@ def read_upload(storage: FileStorage | None) -> bytes:
 def create_prediction() -> tuple[Response, int] | Response:
     """Validate an uploaded X-ray and queue it; answer 202 with where to poll."""
     if "file" not in request.files:
+        metrics.rejected("missing_file")
         return error_response(
             400, "missing_file", "send the X-ray as a multipart/form-data field named 'file'"
         )
@@ -62,8 +63,10 @@ def create_prediction() -> tuple[Response, int] | Response:
     try:
         job_id = prediction_client().submit(read_upload(storage), storage.filename)
     except ImageError as exc:
+        metrics.rejected(exc.code)
         return error_response(image_error_status(exc), exc.code, str(exc))
     except NoModelError as exc:
+        metrics.rejected("no_model")
         return error_response(503, "no_model", str(exc))
     status_url = url_for("api.get_prediction", job_id=job_id)
     response = jsonify({"id": job_id, "status": "queued", "status_url": status_url})
@@ -100,6 +103,7 @@ def register_error_handlers(app: Flask) -> None:
 
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(exc: RequestEntityTooLarge) -> tuple[Response | str, int]:
+        metrics.rejected("too_large")
         limit = prediction_client().settings.max_upload_mb
         message = f"the upload exceeds the {limit:g} MiB limit"
         if request.path.startswith("/api/"):

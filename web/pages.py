@@ -5,7 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
-from web import prediction_client
+from web import metrics, prediction_client
 from web.api import image_error_status, read_upload
 from worker.client import NO_MODEL_MESSAGE, ImageError, NoModelError, is_job_id
 
@@ -42,9 +42,11 @@ def upload() -> BaseResponse | tuple[str, int]:
         try:
             accepted.append((name, prediction_client().submit(read_upload(storage), name)))
         except ImageError as exc:
+            metrics.rejected(exc.code)
             errors.append((name, str(exc)))
             status = image_error_status(exc)
         except NoModelError as exc:
+            metrics.rejected("no_model")
             return render_template("index.html", notice=str(exc), errors=[], accepted=[]), 503
     if not errors:
         return redirect(url_for("pages.results", id=[job for _, job in accepted]), code=303)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ml.versions import load_classifier
+from worker import metrics
 
 if TYPE_CHECKING:
     from ml.model import Classifier
@@ -69,11 +70,16 @@ class ModelHolder:
                 classifier = load_classifier(self.model_dir, wanted)
                 classifier.warm_up()
             except Exception as exc:
+                metrics.MODEL_LOADS.labels(result="failure").inc()
                 self._failed_version = wanted
                 self.error = f"version {wanted} failed to load: {exc}"
                 log.exception("model version %s failed to load; keeping %s", wanted, serving)
                 return False
             self._classifier = classifier
+            metrics.MODEL_LOADS.labels(result="success").inc()
+            metrics.MODEL_VERSION.set(wanted)
+            if serving is not None:
+                metrics.MODEL_SWAPS.inc()
             self.error = None
             self.loaded_at = time.time()
             log.info("serving model version %s (was %s)", wanted, serving)

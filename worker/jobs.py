@@ -22,6 +22,7 @@ from worker.settings import Settings
 JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
 FINAL_JOB_STATES = frozenset({"done", "failed", "cancelled"})
 BASES = ("imagenet", "none", "active")
+JOB_HISTORY = 1000
 
 
 class TrainingRequest(BaseModel):
@@ -95,10 +96,19 @@ class TrainingJobs:
             },
         )
         pipe.zadd(self.keys.training_index(), {job_id: now})
+        # The index keeps the newest jobs; older job records are dropped with it.
+        pipe.zremrangebyrank(self.keys.training_index(), 0, -JOB_HISTORY - 1)
         pipe.execute()
-        self.celery.send_task(
-            TASK_TRAIN, args=[job_id], task_id=job_id, queue=self.settings.training_queue
-        )
+        try:
+            self.celery.send_task(
+                TASK_TRAIN, args=[job_id], task_id=job_id, queue=self.settings.training_queue
+            )
+        except Exception as exc:
+            self.redis.hset(
+                self.keys.training_job(job_id),
+                mapping={"status": "failed", "error": f"could not be queued: {exc}"},
+            )
+            raise
         return job_id
 
     def get(self, job_id: str) -> dict[str, Any] | None:
@@ -124,7 +134,8 @@ class TrainingJobs:
 
     def list(self, limit: int = 50) -> list[dict[str, Any]]:
         """The most recent jobs, newest first."""
-        ids = cast(list[bytes], self.redis.zrevrange(self.keys.training_index(), 0, limit - 1))
+        index = self.keys.training_index()
+        ids = cast(list[bytes], self.redis.zrevrange(index, 0, max(1, limit) - 1))
         docs = (self.get(as_text(i)) for i in ids)
         return [d for d in docs if d is not None]
 
@@ -136,10 +147,13 @@ class TrainingJobs:
             return doc
 
         def mark(pipe: redis.client.Pipeline) -> None:
-            status = pipe.hget(key, "status")
+            raw = pipe.hget(key, "status")
+            status = as_text(raw) if raw is not None else None
+            if status is None or status in FINAL_JOB_STATES:
+                return  # it finished meanwhile: nothing to cancel
             pipe.multi()
             pipe.hset(key, "cancel_requested", "1")
-            if status is not None and as_text(status) == "queued":
+            if status == "queued":
                 pipe.hset(key, mapping={"status": "cancelled", "finished_at": time.time()})
 
         self.redis.transaction(mark, key)

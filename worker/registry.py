@@ -67,27 +67,20 @@ class ActiveVersion:
         self, version: int, *, actor: str, action: str = "promote", reason: str = ""
     ) -> AuditEntry:
         """Make ``version`` active (``promote`` or ``pin``), remembering the previous one."""
-        return self._change(version, actor=actor, action=action, reason=reason, push_history=True)
+        return self._change(version, actor=actor, action=action, reason=reason)
 
     def rollback(self, *, actor: str, reason: str = "") -> AuditEntry:
-        """Make the previously active version active again."""
-        previous = self.redis.lindex(self.keys.model_history(), 0)
-        if previous is None:
-            raise PointerError("there is no previous active version to roll back to")
-        return self._change(
-            int(as_text(previous)),
-            actor=actor, action="rollback", reason=reason, push_history=False,
-        )  # fmt: skip
+        """Make the previously active version active again (skipping versions since deleted)."""
+        return self._change(None, actor=actor, action="rollback", reason=reason)
 
     def audit(self, limit: int = 100) -> list[dict[str, Any]]:
         """The most recent pointer changes, newest first."""
-        rows = self.redis.lrange(self.keys.model_audit(), 0, max(0, limit - 1))
+        rows = self.redis.lrange(self.keys.model_audit(), 0, max(1, limit) - 1)
         return [json.loads(as_text(r)) for r in rows]
 
-    def _change(
-        self, version: int, *, actor: str, action: str, reason: str, push_history: bool
-    ) -> AuditEntry:
-        if self.model_dir is not None and not has_version(self.model_dir, version):
+    def _change(self, version: int | None, *, actor: str, action: str, reason: str) -> AuditEntry:
+        """Change the pointer atomically; ``version`` None means: pop the history (rollback)."""
+        if version is not None and not self._exists(version):
             raise PointerError(f"model version {version} does not exist")
         keys = self.keys
         entry: AuditEntry | None = None
@@ -96,22 +89,35 @@ class ActiveVersion:
             nonlocal entry
             raw = pipe.get(keys.active_version())
             old = int(as_text(raw)) if raw is not None else self._file_version()
-            entry = AuditEntry(time.time(), actor, action, old, version, reason)
+            target, popped = version, 0
+            if target is None:
+                history = [int(as_text(v)) for v in pipe.lrange(keys.model_history(), 0, -1)]
+                # A version deleted since it was active is skipped, not a dead end.
+                while popped < len(history) and not self._exists(history[popped]):
+                    popped += 1
+                if popped == len(history):
+                    raise PointerError("there is no previous active version to roll back to")
+                target = history[popped]
+                popped += 1
+            entry = AuditEntry(time.time(), actor, action, old, target, reason)
             pipe.multi()
-            pipe.set(keys.active_version(), version)
-            if push_history and old is not None and old != version:
+            pipe.set(keys.active_version(), target)
+            if version is not None and old is not None and old != version:
                 pipe.lpush(keys.model_history(), old)
-            elif not push_history:
-                pipe.lpop(keys.model_history())
+            if popped:
+                pipe.ltrim(keys.model_history(), popped, -1)
             pipe.lpush(keys.model_audit(), json.dumps(entry.to_dict()))
             pipe.ltrim(keys.model_audit(), 0, AUDIT_LENGTH - 1)
-            pipe.publish(keys.model_events(), json.dumps({"active_version": version}))
+            pipe.publish(keys.model_events(), json.dumps({"active_version": target}))
 
         self.redis.transaction(change, keys.active_version(), keys.model_history())
-        if self.model_dir is not None:
-            write_active_file(self.model_dir, version)
         assert entry is not None
+        if self.model_dir is not None:
+            write_active_file(self.model_dir, entry.to_version)
         return entry
+
+    def _exists(self, version: int) -> bool:
+        return self.model_dir is None or has_version(self.model_dir, version)
 
     def _file_version(self) -> int | None:
         return read_active_file(self.model_dir) if self.model_dir is not None else None

@@ -14,6 +14,7 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from ml.imaging import ImageError, decode_image
+from worker import metrics
 from worker.batcher import Batcher, NoModelAvailable
 from worker.client import FINAL_STATES, NO_MODEL_MESSAGE, Keys, WorkerInfo, as_text
 from worker.holder import ModelHolder
@@ -41,6 +42,7 @@ class WorkerRuntime:
             self.holder.current,
             max_batch=settings.batch_max_size,
             max_delay_s=settings.batch_max_delay_ms / 1000,
+            on_batch=_record_batch,
         )
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()
@@ -130,6 +132,8 @@ class WorkerRuntime:
         if as_text(status) in FINAL_STATES:
             return  # A redelivered task whose result was already stored.
         started = time.time()
+        if created_at is not None:
+            metrics.QUEUE_WAIT.observe(max(0.0, started - float(created_at)))
         self.redis.hset(job_key, mapping={"status": "running", "started_at": started})
         if not isinstance(data, bytes):
             self._finish(job_id, error="The upload expired before a worker could process it.")
@@ -169,8 +173,11 @@ class WorkerRuntime:
     def _finish(
         self, job_id: str, *, result: dict[str, Any] | None = None, error: str | None = None
     ) -> None:
+        status = "done" if error is None else "failed"
+        version = str(result["model_version"]) if result else "none"
+        metrics.PREDICTIONS.labels(model_version=version, status=status).inc()
         fields: dict[FieldT, EncodableT] = {
-            "status": "done" if error is None else "failed",
+            "status": status,
             "finished_at": time.time(),
         }
         if result is not None:
@@ -184,6 +191,11 @@ class WorkerRuntime:
         pipe.rpush(self.keys.done(job_id), 1)
         pipe.expire(self.keys.done(job_id), self.settings.result_ttl_seconds)
         pipe.execute()
+
+
+def _record_batch(size: int, seconds: float, version: int | None) -> None:
+    metrics.BATCH_SIZE.observe(size)
+    metrics.MODEL_SECONDS.observe(seconds)
 
 
 _runtime: WorkerRuntime | None = None

@@ -9,6 +9,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+MIN_ADMIN_TOKEN_LENGTH = 16
+PLACEHOLDER_TOKENS = frozenset({"changeme-changeme", "change-me-please!", "secretsecretsecret"})
+
 
 class Settings(BaseSettings):
     """All knobs of the service; each field is the environment variable ``CXR_<NAME>``."""
@@ -62,6 +65,15 @@ class Settings(BaseSettings):
         ge=0,
         description="Longest a prediction waits for others to join its batch.",
     )
+    worker_metrics_port: int = Field(
+        default=9100,
+        ge=0,
+        le=65535,
+        description="Port of an inference worker's Prometheus endpoint /metrics (0: off).",
+    )
+    worker_metrics_addr: str = Field(
+        default="127.0.0.1", description="Address the worker's metrics endpoint listens on."
+    )
     training_queue: str = Field(default="training", description="Queue of fine-tuning jobs.")
     data_dir: Path = Field(
         default=Path("data"),
@@ -88,10 +100,19 @@ class Settings(BaseSettings):
 
     @field_validator("admin_token", mode="before")
     @classmethod
-    def _empty_token_is_none(cls, value: object) -> object:
+    def _admin_token(cls, value: object) -> object:
         # CXR_ADMIN_TOKEN= (set but empty, as compose passes an unset variable) disables the
         # admin API instead of accepting an empty bearer token.
-        return None if value is None or str(value).strip() == "" else value
+        if value is None or str(value).strip() == "":
+            return None
+        token = str(value.get_secret_value() if isinstance(value, SecretStr) else value)
+        if len(token) < MIN_ADMIN_TOKEN_LENGTH or token.lower() in PLACEHOLDER_TOKENS:
+            raise ValueError(
+                f"CXR_ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN_LENGTH} characters and not a "
+                "placeholder; generate one with `python -c 'import secrets; "
+                "print(secrets.token_urlsafe(32))'`"
+            )
+        return value
 
 
 @lru_cache(maxsize=1)

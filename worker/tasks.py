@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import shared_task
@@ -12,8 +13,10 @@ from celery.signals import (
     worker_shutdown,
 )
 
+from worker import metrics
 from worker.app import TASK_PREDICT
 from worker.runtime import get_runtime, stop_runtime
+from worker.settings import get_settings
 
 
 @worker_process_init.connect
@@ -23,12 +26,19 @@ def _start_in_child(**_: Any) -> None:
 
 
 @worker_ready.connect
-def _start_in_threads_pool(sender: Any = None, **_: Any) -> None:
+def _on_ready(sender: Any = None, **_: Any) -> None:
+    settings = get_settings()
+    metrics.serve(settings.worker_metrics_port, settings.worker_metrics_addr)
     # The threads (or solo) pool runs tasks in this very process: load the model now instead of
     # on the first task. A prefork parent must not (see above); its children did already.
     pool = getattr(sender, "pool", None)
     if pool is not None and "prefork" not in type(pool).__module__:
         get_runtime()
+
+
+@worker_process_shutdown.connect
+def _forget_child(pid: int | None = None, **_: Any) -> None:
+    metrics.process_exited(pid or os.getpid())
 
 
 @worker_process_shutdown.connect

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import CLASSES, ROOT, WorkerProcess, free_port, settings_env, wait_for
 from worker.settings import Settings
@@ -43,8 +44,8 @@ def web_url(
     """gunicorn serving the app on 127.0.0.1, in front of the session's worker."""
     port = free_port()
     log = tmp_path_factory.mktemp("gunicorn") / "web.log"
-    cmd = [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", "2",
-           "--threads", "4", "web:create_app()"]  # fmt: skip
+    cmd = [sys.executable, "-m", "gunicorn", "--config", "python:web.gunicorn_conf",
+           "--bind", f"127.0.0.1:{port}", "--workers", "2", "web:create_app()"]  # fmt: skip
     with log.open("wb") as out:
         proc = subprocess.Popen(
             cmd, cwd=ROOT, env=settings_env(worker_settings), stdout=out, stderr=subprocess.STDOUT
@@ -115,3 +116,21 @@ def test_real_xrays_through_the_upload_form(web_url: str) -> None:
     assert len(ids) == len(images)
     for job_id in ids:
         assert poll(f"{web_url}/api/v1/predictions/{job_id}")["status"] == "done"
+
+
+def test_metrics_add_up_over_gunicorn_workers(web_url: str) -> None:
+    """Every gunicorn worker's requests appear in one scrape (multiprocess mode)."""
+
+    def healthz_count() -> float:
+        text = requests.get(f"{web_url}/metrics", timeout=5).text
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "cxr_http_requests_total" and s.labels.get("route") == "/healthz"
+        )
+
+    before = healthz_count()
+    for _ in range(20):  # new connections: gunicorn spreads them over its workers
+        assert requests.get(f"{web_url}/healthz", timeout=5).ok
+    assert healthz_count() - before == 20

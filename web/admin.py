@@ -1,0 +1,336 @@
+"""The admin surface: a bearer-token JSON API (``/api/v1/admin``) and the page that uses it.
+
+The API starts fine-tuning jobs and moves the active-version pointer; the page (``/admin``) holds
+no data itself, it asks for the token and calls the API from the browser. With no
+``CXR_ADMIN_TOKEN`` configured every admin route answers 403: disabled, never open.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import re
+from typing import Any
+
+from flask import (
+    Blueprint,
+    Response,
+    current_app,
+    jsonify,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
+from pydantic import ValidationError
+
+from ml.versions import (
+    VersionNotFoundError,
+    curves_path,
+    has_version,
+    list_versions,
+    read_evaluation,
+    read_metadata,
+)
+from web import prediction_client
+from web.api import error_response
+from worker.jobs import FINAL_JOB_STATES, TrainingJobs, TrainingRequest
+from worker.registry import ActiveVersion, PointerError
+
+bp = Blueprint("admin", __name__, url_prefix="/api/v1/admin")
+pages_bp = Blueprint("admin_pages", __name__)
+
+ACTOR = "admin"
+MAX_ACTOR_CHARS = 64
+MAX_REASON_CHARS = 500
+DEFAULT_LIMIT = 50
+MAX_LIMIT = 1000
+# What may follow "admin:" in an audit entry: a name or an e-mail address, nothing that could
+# forge another log line or hide in a terminal (no control characters, no newlines).
+_ACTOR_CHARS = re.compile(r"[^A-Za-z0-9 ._@+-]")
+_SUMMARY_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+Reply = Response | tuple[Response, int]
+
+
+def registry() -> ActiveVersion:
+    """The current app's active-version pointer."""
+    active: ActiveVersion = current_app.extensions["cxr_registry"]
+    return active
+
+
+def training_jobs() -> TrainingJobs:
+    """The current app's fine-tuning job client."""
+    jobs: TrainingJobs = current_app.extensions["cxr_jobs"]
+    return jobs
+
+
+def actor() -> str:
+    """Who is acting: ``admin``, plus the sanitised ``X-Actor`` header when one is sent."""
+    name = _ACTOR_CHARS.sub("", request.headers.get("X-Actor", "")).strip()
+    name = " ".join(name.split())[:MAX_ACTOR_CHARS].strip()
+    return f"{ACTOR}:{name}" if name else ACTOR
+
+
+@bp.before_request
+def require_token() -> Reply | None:
+    """Refuse every admin route unless the request carries the configured bearer token."""
+    secret = prediction_client().settings.admin_token
+    if secret is None or not secret.get_secret_value():
+        return error_response(403, "admin_disabled", "set CXR_ADMIN_TOKEN to enable the admin API")
+    scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+    # compare_digest on bytes: constant time, and no TypeError on non-ASCII input.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(
+        given.strip().encode(), secret.get_secret_value().encode()
+    ):
+        response, status = error_response(
+            401, "unauthorized", "missing or wrong admin token (Authorization: Bearer <token>)"
+        )
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return response, status
+    return None
+
+
+@bp.after_request
+def no_store(response: Response) -> Response:
+    """Authenticated answers must not be kept by shared or browser caches."""
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+# --- request helpers --------------------------------------------------------------------------
+
+
+class InvalidRequest(ValueError):
+    """A request body or query string the admin API cannot use."""
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.details = details or []
+
+
+@bp.errorhandler(InvalidRequest)
+def bad_request(exc: InvalidRequest) -> Reply:
+    """Answer 400 ``invalid_request`` with what was wrong."""
+    return error_response(400, "invalid_request", str(exc), details=exc.details)
+
+
+def json_body() -> dict[str, Any]:
+    """The request's JSON object; an empty body counts as ``{}``."""
+    raw = request.get_data(cache=True)
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object")
+    return body
+
+
+def query_limit() -> int:
+    """The ``limit`` query parameter, 1..MAX_LIMIT (default DEFAULT_LIMIT)."""
+    raw = request.args.get("limit")
+    if raw is None:
+        return DEFAULT_LIMIT
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LIMIT:
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LIMIT}, got {raw!r}")
+    return limit
+
+
+def reason() -> str:
+    """The optional ``reason`` of a pointer change, from a JSON body ``{"reason": "..."}``."""
+    body = json_body()
+    unknown = sorted(set(body) - {"reason"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}")
+    value = body.get("reason", "")
+    if not isinstance(value, str) or len(value) > MAX_REASON_CHARS:
+        raise InvalidRequest(f"reason must be a string of at most {MAX_REASON_CHARS} characters")
+    return value.strip()
+
+
+def not_found(what: str) -> Reply:
+    """Answer 404 with the JSON error document."""
+    return error_response(404, "not_found", what)
+
+
+# --- fine-tuning jobs ---------------------------------------------------------------------------
+
+
+@bp.post("/training-jobs")
+def create_training_job() -> Reply:
+    """Queue a fine-tuning job; answer 202 with where to follow it."""
+    try:
+        params = TrainingRequest.model_validate(json_body())
+    except ValidationError as exc:
+        details = [
+            {"loc": [str(p) for p in e["loc"]], "msg": e["msg"], "type": e["type"]}
+            for e in exc.errors(include_url=False)
+        ]
+        raise InvalidRequest(f"{exc.error_count()} invalid field(s)", details) from None
+    if params.base == "active" and registry().get() is None:
+        return error_response(
+            409, "no_active_version", "base 'active' needs an active model version; there is none"
+        )
+    job_id = training_jobs().submit(params, actor())
+    status_url = url_for("admin.get_training_job", job_id=job_id)
+    response = jsonify({"id": job_id, "status": "queued", "status_url": status_url})
+    response.status_code = 202
+    response.headers["Location"] = status_url
+    return response
+
+
+@bp.get("/training-jobs")
+def list_training_jobs() -> Reply:
+    """The most recent fine-tuning jobs, newest first."""
+    return jsonify({"jobs": training_jobs().list(query_limit())})
+
+
+@bp.get("/training-jobs/<job_id>")
+def get_training_job(job_id: str) -> Reply:
+    """One fine-tuning job: parameters, status, progress, outcome."""
+    doc = training_jobs().get(job_id)
+    if doc is None:
+        return not_found(f"no training job with id {job_id!r}")
+    return jsonify(doc)
+
+
+@bp.delete("/training-jobs/<job_id>")
+def cancel_training_job(job_id: str) -> Reply:
+    """Cancel a queued job at once, or ask a running one to stop at its next batch."""
+    jobs = training_jobs()
+    doc = jobs.get(job_id)
+    if doc is None:
+        return not_found(f"no training job with id {job_id!r}")
+    if doc["status"] in FINAL_JOB_STATES:
+        # Built by hand: error_response's own first parameter is called ``status``.
+        body = {
+            "error": "not_cancellable",
+            "message": f"the job is already {doc['status']}",
+            "status": doc["status"],
+        }
+        return jsonify(body), 409
+    cancelled = jobs.cancel(job_id)
+    if cancelled is None:  # deleted in between
+        return not_found(f"no training job with id {job_id!r}")
+    return jsonify(cancelled), 202
+
+
+# --- model versions and the active pointer ------------------------------------------------------
+
+
+def version_summary(version: int, active: int | None) -> dict[str, Any] | None:
+    """One row of the versions list, or ``None`` when the version cannot be read."""
+    model_dir = prediction_client().settings.model_dir
+    try:
+        meta = read_metadata(model_dir, version)
+    except (VersionNotFoundError, OSError, ValueError, TypeError) as exc:
+        # A half-deleted or hand-edited folder should not take the whole list down.
+        current_app.logger.warning("skipping model version %s: %s", version, exc)
+        return None
+    return {
+        "version": meta.version,
+        "created_at": meta.created_at,
+        "parent_version": meta.parent_version,
+        "base_weights": meta.base_weights,
+        "input_size": meta.input_size,
+        "class_names": meta.class_names,
+        "metrics": {k: meta.metrics[k] for k in _SUMMARY_METRICS if k in meta.metrics},
+        "training_seconds": meta.training_seconds,
+        "job_id": meta.job_id,
+        "active": version == active,
+        "has_curves": curves_path(model_dir, version) is not None,
+    }
+
+
+@bp.get("/models")
+def list_models() -> Reply:
+    """Every model version, newest first, and which one is active."""
+    active = registry().get()
+    versions = sorted(list_versions(prediction_client().settings.model_dir), reverse=True)
+    rows = [row for v in versions if (row := version_summary(v, active)) is not None]
+    return jsonify({"active_version": active, "versions": rows})
+
+
+@bp.get("/models/<int:version>")
+def get_model(version: int) -> Reply:
+    """Everything known about one version, with its evaluation."""
+    model_dir = prediction_client().settings.model_dir
+    try:
+        meta = read_metadata(model_dir, version)
+    except VersionNotFoundError:
+        return not_found(f"no model version {version}")
+    except (OSError, ValueError, TypeError) as exc:  # the list skips such a version too
+        return not_found(f"model version {version} cannot be read: {exc}")
+    doc = meta.to_dict()
+    doc["evaluation"] = read_evaluation(model_dir, version)
+    doc["active"] = registry().get() == version
+    doc["has_curves"] = curves_path(model_dir, version) is not None
+    return jsonify(doc)
+
+
+@bp.get("/models/<int:version>/curves.png")
+def get_curves(version: int) -> Reply:
+    """The training curves of one version (PNG)."""
+    model_dir = prediction_client().settings.model_dir
+    path = curves_path(model_dir, version) if has_version(model_dir, version) else None
+    if path is None:
+        return not_found(f"model version {version} has no training curves")
+    return send_file(path, mimetype="image/png", max_age=0)
+
+
+def change_pointer(version: int, action: str) -> Reply:
+    """Make ``version`` active (``promote`` or ``pin``) and answer with the audit entry."""
+    why = reason()
+    if not has_version(prediction_client().settings.model_dir, version):
+        return not_found(f"no model version {version}")
+    try:
+        entry = registry().set(version, actor=actor(), action=action, reason=why)
+    except PointerError as exc:  # the folder went away between the check and the change
+        return not_found(str(exc))
+    return jsonify({"active_version": entry.to_version, "audit": entry.to_dict()})
+
+
+@bp.post("/models/<int:version>/promote")
+def promote_model(version: int) -> Reply:
+    """Make ``version`` the one every worker serves."""
+    return change_pointer(version, "promote")
+
+
+@bp.post("/models/<int:version>/pin")
+def pin_model(version: int) -> Reply:
+    """Deliberately make a specific (usually older) version active."""
+    return change_pointer(version, "pin")
+
+
+@bp.post("/models/rollback")
+def rollback_model() -> Reply:
+    """Make the previously active version active again."""
+    why = reason()
+    try:
+        entry = registry().rollback(actor=actor(), reason=why)
+    except PointerError as exc:
+        return error_response(409, "no_previous_version", str(exc))
+    return jsonify({"active_version": entry.to_version, "audit": entry.to_dict()})
+
+
+@bp.get("/audit")
+def list_audit() -> Reply:
+    """The most recent changes of the active version, newest first."""
+    return jsonify({"entries": registry().audit(query_limit())})
+
+
+# --- the page -------------------------------------------------------------------------------------
+
+
+@pages_bp.get("/admin")
+def admin_page() -> str:
+    """The admin page: a token prompt and the script that drives the admin API."""
+    api_root = url_for("admin.list_models").removesuffix("/models")
+    return render_template("admin.html", api_root=api_root)

@@ -1,0 +1,380 @@
+// The admin page: asks for the token, then drives /api/v1/admin with fetch. The page itself holds
+// no data; everything shown comes from the API and is written with textContent, never as markup.
+"use strict";
+
+const JOBS_POLL_MS = 2000;
+const TOKEN_KEY = "cxr.admin.token";
+const ACTOR_KEY = "cxr.admin.actor";
+const ACTIVE_JOB = new Set(["queued", "running"]);
+
+const root = document.getElementById("admin");
+const API = root.dataset.api;
+const $ = (id) => document.getElementById(id);
+const curves = new Map(); // version -> object URL of its curves.png (a version never changes)
+let jobsTimer = null;
+let lastJobStates = "";
+
+class AuthError extends Error {}
+
+function el(tag, cls, text) {
+  const node = document.createElement(tag);
+  if (cls) node.className = cls;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+
+function button(label, cls, onClick) {
+  const b = el("button", cls, label);
+  b.type = "button";
+  b.addEventListener("click", onClick);
+  return b;
+}
+
+function fmtNumber(x, digits = 3) {
+  return typeof x === "number" ? x.toFixed(digits) : "—";
+}
+
+function fmtTime(value) {
+  if (value === undefined || value === null) return "—";
+  const date = typeof value === "number" ? new Date(value * 1000) : new Date(value);
+  if (Number.isNaN(date.getTime())) return String(value);
+  return date.toLocaleString(undefined, { dateStyle: "medium", timeStyle: "short" });
+}
+
+function fmtSeconds(s) {
+  if (typeof s !== "number" || !Number.isFinite(s)) return "";
+  s = Math.max(0, Math.round(s));
+  const m = Math.floor(s / 60);
+  return m ? `${m} min ${s % 60} s` : `${s} s`;
+}
+
+async function api(method, path, body) {
+  const headers = { Accept: "application/json", Authorization: "Bearer " + sessionStorage.getItem(TOKEN_KEY) };
+  const actor = sessionStorage.getItem(ACTOR_KEY);
+  if (actor) headers["X-Actor"] = actor;
+  const init = { method, headers, cache: "no-store" };
+  if (body !== undefined) {
+    headers["Content-Type"] = "application/json";
+    init.body = JSON.stringify(body);
+  }
+  const response = await fetch(API + path, init);
+  if (response.status === 401 || response.status === 403) {
+    const doc = await response.json().catch(() => ({}));
+    throw new AuthError(
+      response.status === 403
+        ? "The admin API is disabled: set CXR_ADMIN_TOKEN on the web service to enable it."
+        : "That token was refused (" + (doc.error || response.status) + "). Check CXR_ADMIN_TOKEN and try again."
+    );
+  }
+  return { status: response.status, ok: response.ok, response };
+}
+
+async function apiJSON(method, path, body) {
+  const { ok, status, response } = await api(method, path, body);
+  const doc = await response.json().catch(() => ({}));
+  if (!ok) {
+    const err = new Error(doc.message || `HTTP ${status}`);
+    err.doc = doc;
+    throw err;
+  }
+  return doc;
+}
+
+function flash(message, bad) {
+  const node = $("flash");
+  node.textContent = message;
+  node.className = bad ? "errors" : "notice ok";
+  node.hidden = false;
+}
+
+function fail(err) {
+  if (err instanceof AuthError) return signOut(err.message);
+  flash(err.message || String(err), true);
+}
+
+// --- sign in / out ------------------------------------------------------------------------------
+
+function signOut(message) {
+  sessionStorage.removeItem(TOKEN_KEY);
+  clearTimeout(jobsTimer);
+  $("panel").hidden = true;
+  $("login").hidden = false;
+  const msg = $("login-message");
+  msg.textContent = message || "";
+  msg.hidden = !message;
+  $("token").value = "";
+  $("token").focus();
+}
+
+async function signIn() {
+  try {
+    await refreshModels(); // also checks the token
+  } catch (err) {
+    if (err instanceof AuthError) return signOut(err.message);
+    return signOut("Cannot reach the admin API: " + (err.message || err));
+  }
+  $("login").hidden = true;
+  $("panel").hidden = false;
+  const actor = sessionStorage.getItem(ACTOR_KEY);
+  $("who").textContent = "Signed in" + (actor ? " as " + actor : "") + ".";
+  refreshAudit().catch(fail);
+  pollJobs();
+}
+
+$("login-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN_KEY, $("token").value.trim());
+  const actor = $("actor").value.trim();
+  if (actor) sessionStorage.setItem(ACTOR_KEY, actor);
+  else sessionStorage.removeItem(ACTOR_KEY);
+  signIn();
+});
+
+$("sign-out").addEventListener("click", () => signOut(""));
+
+// --- model versions -----------------------------------------------------------------------------
+
+async function loadCurves(version, cell) {
+  try {
+    let url = curves.get(version);
+    if (!url) {
+      const { ok, response } = await api("GET", `/models/${version}/curves.png`);
+      if (!ok) return;
+      url = URL.createObjectURL(await response.blob());
+      curves.set(version, url);
+    }
+    const link = el("a");
+    link.href = url;
+    link.target = "_blank";
+    link.title = `Training curves of version ${version} (opens full size)`;
+    const img = el("img", "thumb");
+    img.src = url;
+    img.alt = `training curves of version ${version}`;
+    link.append(img);
+    cell.replaceChildren(link);
+  } catch (err) {
+    fail(err);
+  }
+}
+
+function baseLabel(v) {
+  if (v.parent_version !== null && v.parent_version !== undefined) return `v${v.parent_version}`;
+  return v.base_weights || "none";
+}
+
+async function changePointer(path, question) {
+  if (!window.confirm(question)) return;
+  const reason = $("reason").value.trim();
+  try {
+    const doc = await apiJSON("POST", path, reason ? { reason } : undefined);
+    const a = doc.audit;
+    flash(`Version ${doc.active_version} is now active (${a.action}, was ${a.from_version ?? "none"}). Workers switch within seconds.`);
+    $("reason").value = "";
+    await Promise.all([refreshModels(), refreshAudit()]);
+  } catch (err) {
+    fail(err);
+  }
+}
+
+async function refreshModels() {
+  const doc = await apiJSON("GET", "/models");
+  const active = doc.active_version;
+  $("active-version").textContent = active === null ? "none" : `version ${active}`;
+  const tbody = $("versions").querySelector("tbody");
+  const rows = doc.versions.map((v) => {
+    const tr = el("tr", v.active ? "active-row" : "");
+    const name = el("td", "num", `v${v.version}`);
+    if (v.active) name.append(" ", el("span", "badge active", "active"));
+    const m = v.metrics || {};
+    tr.append(
+      name,
+      el("td", "", fmtTime(v.created_at)),
+      el("td", "", baseLabel(v)),
+      el("td", "num", `${v.input_size} px`),
+      el("td", "num", fmtNumber(m.accuracy)),
+      el("td", "num", fmtNumber(m.sensitivity)),
+      el("td", "num", fmtNumber(m.specificity)),
+      el("td", "num", fmtNumber(m.roc_auc)),
+    );
+    const curvesCell = el("td", "", v.has_curves ? "…" : "—");
+    if (v.has_curves) loadCurves(v.version, curvesCell);
+    const actions = el("td", "actions");
+    if (!v.active && (active === null || v.version > active)) {
+      actions.append(button("Promote", "small", () =>
+        changePointer(`/models/${v.version}/promote`, `Promote version ${v.version}? Every worker will serve it.`)));
+    } else if (!v.active) {
+      actions.append(button("Pin", "small secondary", () =>
+        changePointer(`/models/${v.version}/pin`, `Pin the older version ${v.version}? Every worker will serve it.`)));
+    }
+    tr.append(curvesCell, actions);
+    return tr;
+  });
+  if (!rows.length) {
+    const tr = el("tr");
+    const td = el("td", "hint", "No model versions yet: run `cxr init-model` or start a job below.");
+    td.colSpan = 10;
+    tr.append(td);
+    rows.push(tr);
+  }
+  tbody.replaceChildren(...rows);
+}
+
+$("rollback").addEventListener("click", () =>
+  changePointer("/models/rollback", "Roll back to the previously active version?"));
+
+// --- audit log ----------------------------------------------------------------------------------
+
+async function refreshAudit() {
+  const doc = await apiJSON("GET", "/audit?limit=50");
+  const rows = doc.entries.map((e) => {
+    const tr = el("tr");
+    tr.append(
+      el("td", "", fmtTime(e.at)),
+      el("td", "", e.actor),
+      el("td", "", e.action),
+      el("td", "num", e.from_version === null ? "—" : `v${e.from_version}`),
+      el("td", "num", `v${e.to_version}`),
+      el("td", "", e.reason || ""),
+    );
+    return tr;
+  });
+  if (!rows.length) {
+    const tr = el("tr");
+    const td = el("td", "hint", "No changes yet.");
+    td.colSpan = 6;
+    tr.append(td);
+    rows.push(tr);
+  }
+  $("audit").querySelector("tbody").replaceChildren(...rows);
+}
+
+// --- fine-tuning jobs ---------------------------------------------------------------------------
+
+function progressBlock(job) {
+  const p = job.progress;
+  const box = el("div", "progress");
+  if (!p) {
+    box.append(el("span", "hint", job.status === "running" ? "Starting…" : "Waiting for a trainer…"));
+    return box;
+  }
+  const total = Number(p.total_epochs) || 0;
+  const pct = total ? Math.min(100, Math.max(0, (100 * (Number(p.epoch) || 0)) / total)) : 0;
+  const track = el("div", "bar-track");
+  const fill = el("span", "bar-fill");
+  fill.style.width = pct.toFixed(1) + "%";
+  track.append(fill);
+  track.setAttribute("role", "progressbar");
+  track.setAttribute("aria-valuemin", "0");
+  track.setAttribute("aria-valuemax", "100");
+  track.setAttribute("aria-valuenow", pct.toFixed(0));
+  const parts = [p.phase || "", total ? `epoch ${p.epoch}/${total}` : ""];
+  for (const [k, v] of Object.entries(p.metrics || {})) {
+    if (typeof v === "number") parts.push(`${k} ${v.toFixed(3)}`);
+  }
+  const eta = fmtSeconds(p.eta_seconds);
+  if (eta) parts.push(`about ${eta} left`);
+  box.append(track, el("span", "meta", parts.filter(Boolean).join(" · ")));
+  return box;
+}
+
+function outcomeText(job) {
+  const o = job.outcome;
+  if (!o || typeof o !== "object") return "";
+  const parts = [];
+  if (o.version !== undefined && o.version !== null) parts.push(`published version ${o.version}`);
+  if (o.promoted === true) parts.push("promoted");
+  else if (o.promoted === false) parts.push("not promoted");
+  if (o.reason) parts.push(String(o.reason));
+  return parts.join(" · ");
+}
+
+function jobCard(job) {
+  const card = el("div", "job");
+  const head = el("div", "job-head");
+  const id = el("code", "", job.id.slice(0, 12));
+  id.title = job.id;
+  head.append(el("span", "badge " + job.status, job.status), id,
+    el("span", "hint", `${fmtTime(job.created_at)} by ${job.actor || "?"}`));
+  if (ACTIVE_JOB.has(job.status)) {
+    const cancel = button(job.cancel_requested ? "Cancelling…" : "Cancel", "small secondary", async () => {
+      cancel.disabled = true;
+      try {
+        await apiJSON("DELETE", `/training-jobs/${job.id}`);
+        await refreshJobs();
+      } catch (err) {
+        fail(err);
+      }
+    });
+    cancel.disabled = Boolean(job.cancel_requested);
+    head.append(cancel);
+  }
+  const p = job.params || {};
+  card.append(head, el("p", "meta",
+    `${p.dataset ?? "?"} · from ${p.base ?? "?"} · ${p.input_size ?? "?"} px · ` +
+    `epochs ${p.epochs_head ?? "?"} + ${p.epochs_finetune ?? "?"} · promotion ${p.promotion ?? "?"}`));
+  if (ACTIVE_JOB.has(job.status)) card.append(progressBlock(job));
+  const outcome = outcomeText(job);
+  if (outcome) card.append(el("p", "meta", outcome));
+  if (job.error) card.append(el("p", "meta failed", job.error));
+  return card;
+}
+
+async function refreshJobs() {
+  const doc = await apiJSON("GET", "/training-jobs?limit=20");
+  const box = $("jobs");
+  if (!doc.jobs.length) {
+    box.replaceChildren(el("p", "hint", "No jobs yet."));
+  } else {
+    box.replaceChildren(...doc.jobs.map(jobCard));
+  }
+  // A job that finished may have published (and promoted) a version.
+  const states = doc.jobs.map((j) => j.id + ":" + j.status).join(",");
+  if (lastJobStates && states !== lastJobStates) {
+    await Promise.all([refreshModels(), refreshAudit()]);
+  }
+  lastJobStates = states;
+}
+
+async function pollJobs() {
+  clearTimeout(jobsTimer);
+  try {
+    await refreshJobs();
+  } catch (err) {
+    if (err instanceof AuthError) return signOut(err.message);
+    flash("Cannot refresh the jobs: " + (err.message || err), true);
+  }
+  jobsTimer = setTimeout(pollJobs, JOBS_POLL_MS);
+}
+
+$("train-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const errors = $("train-errors");
+  errors.hidden = true;
+  const body = {};
+  for (const field of event.target.elements) {
+    if (!field.name || field.value === "") continue;
+    body[field.name] = field.type === "number" ? Number(field.value) : field.value;
+  }
+  try {
+    const doc = await apiJSON("POST", "/training-jobs", body);
+    flash(`Queued fine-tuning job ${doc.id}.`);
+    await refreshJobs();
+  } catch (err) {
+    if (err instanceof AuthError) return signOut(err.message);
+    const list = el("ul");
+    for (const d of (err.doc && err.doc.details) || []) {
+      list.append(el("li", "", `${(d.loc || []).join(".") || "body"}: ${d.msg}`));
+    }
+    errors.replaceChildren(el("p", "", err.message), list);
+    errors.hidden = false;
+  }
+});
+
+// --- start ----------------------------------------------------------------------------------------
+
+if (sessionStorage.getItem(TOKEN_KEY)) {
+  $("actor").value = sessionStorage.getItem(ACTOR_KEY) || "";
+  signIn();
+} else {
+  signOut("");
+}
