@@ -108,6 +108,7 @@ def make_settings(redis_url: str, model_dir: Path, **overrides: object) -> Setti
         "worker_heartbeat_seconds": 0.5,
         "visibility_timeout_seconds": 4,
         "restore_interval_seconds": 1,
+        "worker_metrics_port": 0,  # tests start many workers at once; one test turns it on
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
