@@ -75,7 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", help="classify local image files with a model version")
     predict.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
-    predict.add_argument("--version", type=int, help="model version (default: the highest)")
+    predict.add_argument(
+        "--version", type=int, help="model version (default: the active one, else the highest)"
+    )
     predict.add_argument("--json", action="store_true", help="print one JSON object per image")
 
     sub.add_parser("versions", help="list the model versions in the model folder")
@@ -250,9 +252,11 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify each image and print its label and probabilities."""
     from ml.imaging import ImageError, load_image_file, to_model_input
-    from ml.versions import latest_version, list_versions, load_classifier
+    from ml.versions import latest_version, list_versions, load_classifier, read_active_file
 
-    version = args.version if args.version is not None else latest_version(args.model_dir)
+    version = args.version
+    if version is None:
+        version = read_active_file(args.model_dir) or latest_version(args.model_dir)
     if version is None:
         print(f"no model version in {args.model_dir}; run `cxr init-model` first", file=sys.stderr)
         return 2
