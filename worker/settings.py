@@ -24,7 +24,8 @@ class Settings(BaseSettings):
     )
     model_dir: Path = Field(
         default=Path("models"),
-        description="Folder of model versions (<N>/model.keras + metadata.json); workers only.",
+        description="The model registry: version folders <N>/ and active.json "
+        "(workers, trainer, web admin).",
     )
     inference_queue: str = Field(default="inference", description="Queue of prediction tasks.")
     key_prefix: str = Field(default="cxr", description="Prefix of every Redis key cxr writes.")
