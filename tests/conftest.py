@@ -258,3 +258,48 @@ def live_app(worker_settings: Settings, live_worker: WorkerProcess) -> Flask:
     from web import create_app
 
     return create_app({"TESTING": True, "CXR_SETTINGS": worker_settings})
+
+
+EVALUATION = {"accuracy": 0.91, "sensitivity": 0.95, "specificity": 0.84, "roc_auc": 0.96, "n": 40}
+
+
+def curves_png() -> bytes:
+    """A small real PNG standing in for a version's training curves."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((40, 20)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def link_model(src: str, dst: str) -> None:
+    """copytree's copy function: symlink the weights, copy everything else."""
+    if Path(src).name == "model.keras":
+        os.symlink(src, dst)
+    else:
+        shutil.copy2(src, dst)
+
+
+@pytest.fixture
+def model_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
+    """A registry with versions 1 (the tiny model) and 2 (a trained-looking copy with
+    evaluation and curves); none active. For tests that never load the weights."""
+    root = tmp_path / "models"
+    for version in ("1", "2"):
+        # The web never opens model.keras: a link to the shared one will do.
+        shutil.copytree(tiny_model_dir / "1", root / version, copy_function=link_model)
+    meta_path = root / "2" / "metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(
+        version=2,
+        parent_version=1,
+        training_seconds=12.5,
+        job_id="a" * 32,
+        metrics={k: EVALUATION[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
+    )
+    meta_path.write_text(json.dumps(meta))
+    (root / "2" / "evaluation.json").write_text(json.dumps(EVALUATION))
+    (root / "2" / "curves.png").write_bytes(curves_png())
+    return root

@@ -4,9 +4,7 @@ and the local ``import`` / ``init-model`` activation rule."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,35 +19,12 @@ from werkzeug.serving import BaseWSGIServer, make_server
 from ml.cli import main
 from ml.model import build_classifier
 from ml.versions import list_versions, read_active_file, read_metadata
-from tests.conftest import CLASSES, TINY_SIZE, free_port, make_settings
+from tests.conftest import CLASSES, EVALUATION, TINY_SIZE, free_port, make_settings
 from worker.client import Keys
 from worker.settings import Settings
 
 TOKEN = "s3cret-admin-token-for-tests"
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
-
-
-def link_model(src: str, dst: str) -> None:
-    """copytree's copy function: symlink the weights (the web never opens them), copy the rest."""
-    if Path(src).name == "model.keras":
-        os.symlink(src, dst)
-    else:
-        shutil.copy2(src, dst)
-
-
-@pytest.fixture
-def model_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
-    """Versions 1 and 2 (2 with an evaluation), no active version."""
-    root = tmp_path / "models"
-    for version in ("1", "2"):
-        shutil.copytree(tiny_model_dir / "1", root / version, copy_function=link_model)
-    meta_path = root / "2" / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    meta.update(version=2, parent_version=1, metrics={"accuracy": 0.9, "roc_auc": 0.95})
-    meta_path.write_text(json.dumps(meta))
-    evaluation = {"accuracy": 0.9, "roc_auc": 0.95, "n": 20}
-    (root / "2" / "evaluation.json").write_text(json.dumps(evaluation))
-    return root
 
 
 def serve(settings: Settings) -> tuple[BaseWSGIServer, threading.Thread]:
@@ -127,7 +102,7 @@ def test_model_detail(live: tuple[str, Settings], capsys: pytest.CaptureFixture[
     assert code == 0, err
     assert "version:   2" in out
     assert "parent:    version 1" in out
-    assert "roc_auc: 0.950" in out
+    assert f"roc_auc: {EVALUATION['roc_auc']:.3f}" in out
     assert f"classes:   {', '.join(CLASSES)}" in out
     code, out, err = cxr(capsys, url, "model", "9")
     assert code == 1

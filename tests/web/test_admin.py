@@ -7,7 +7,6 @@ reads metadata, so no TensorFlow is needed beyond building the session's tiny mo
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -24,10 +23,9 @@ import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
-from PIL import Image
 from werkzeug.test import TestResponse
 
-from tests.conftest import CLASSES, ROOT, TINY_SIZE, make_settings
+from tests.conftest import CLASSES, EVALUATION, ROOT, TINY_SIZE, curves_png, make_settings
 from worker.app import TASK_TRAIN
 from worker.client import Keys
 from worker.settings import Settings
@@ -36,7 +34,6 @@ ADMIN = "/api/v1/admin"
 TOKEN = "s3cret-admin-token-for-tests"
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 UNKNOWN_JOB = "0" * 32
-EVALUATION = {"accuracy": 0.91, "sensitivity": 0.95, "specificity": 0.84, "roc_auc": 0.96, "n": 40}
 
 # Every admin route with every method it answers (test_every_admin_route_is_listed keeps this
 # list complete).
@@ -63,43 +60,6 @@ BAD_AUTH: list[dict[str, str]] = [
     {"Authorization": "Bearer sécret"},  # non-ASCII must be refused, not crash the compare
     {"Authorization": "Bearer "},
 ]
-
-
-def curves_png() -> bytes:
-    """A small real PNG standing in for a version's training curves."""
-    buffer = io.BytesIO()
-    Image.linear_gradient("L").resize((40, 20)).save(buffer, "PNG")
-    return buffer.getvalue()
-
-
-def link_model(src: str, dst: str) -> None:
-    """copytree's copy function: symlink the weights, copy everything else."""
-    if Path(src).name == "model.keras":
-        os.symlink(src, dst)
-    else:
-        shutil.copy2(src, dst)
-
-
-@pytest.fixture
-def model_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
-    """Versions 1 (the tiny model) and 2 (a trained-looking copy with evaluation and curves)."""
-    root = tmp_path / "models"
-    for version in ("1", "2"):
-        # The web never opens model.keras (60 MB of VGG16): a link to the shared one will do.
-        shutil.copytree(tiny_model_dir / "1", root / version, copy_function=link_model)
-    meta_path = root / "2" / "metadata.json"
-    meta = json.loads(meta_path.read_text())
-    meta.update(
-        version=2,
-        parent_version=1,
-        training_seconds=12.5,
-        job_id="a" * 32,
-        metrics={k: EVALUATION[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
-    )
-    meta_path.write_text(json.dumps(meta))
-    (root / "2" / "evaluation.json").write_text(json.dumps(EVALUATION))
-    (root / "2" / "curves.png").write_bytes(curves_png())
-    return root
 
 
 def isolated_settings(redis_url: str, model_dir: Path, **overrides: Any) -> Settings:
