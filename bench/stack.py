@@ -35,6 +35,7 @@ ModelKind = Literal["vgg16", "standin"]
 Pool = Literal["threads", "prefork"]
 MODEL_KINDS: tuple[ModelKind, ...] = ("vgg16", "standin")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+GUNICORN_CONF = ROOT / "web" / "gunicorn_conf.py"
 
 
 def free_port() -> int:
@@ -278,6 +279,11 @@ def run_stack(
         redis_url = f"redis://127.0.0.1:{rport}/0"
 
         def start(name: str, cmd: list[str], env: dict[str, str] | None = None) -> int:
+            if env is not None:
+                # Metrics files of this component stay in the stack's folder (removed on exit).
+                metrics_dir = workdir / f"metrics-{name}"
+                metrics_dir.mkdir()
+                env = env | {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
             log = (workdir / f"{name}.log").open("wb")
             logs.append(log)
             procs.append(
@@ -337,9 +343,11 @@ def run_stack(
             )  # fmt: skip
             for i in range(worker_processes)
         ]
+        # The deployed gunicorn settings (web/gunicorn_conf.py) when present; flags override them.
+        conf = ["--config", "python:web.gunicorn_conf"] if GUNICORN_CONF.is_file() else []
         web_pid = start(
             "web",
-            [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{wport}",
+            [sys.executable, "-m", "gunicorn", *conf, "--bind", f"127.0.0.1:{wport}",
              "--workers", str(web_workers), "--worker-class", "gthread",
              "--threads", str(web_threads), "--log-level", "warning", "web:create_app()"],
             env,
@@ -379,6 +387,7 @@ def run_stack(
                 "web_workers": web_workers,
                 "web_threads": web_threads,
                 "web_worker_class": "gthread",
+                "gunicorn_config": conf[1] if conf else None,
             },
             redis_pid=redis_pid,
             web_pid=web_pid,
