@@ -1,8 +1,9 @@
 """Dynamic batching: predictions that arrive while the model is busy share one model call.
 
-Each task thread hands its decoded image to :meth:`Batcher.predict` and waits. One model thread
-takes the first waiting image, gathers more until ``max_batch`` or until ``max_delay`` has passed
-since the first arrived, and runs them through one compiled call. The model is read from the
+Each task thread announces its prediction when it starts, hands its decoded image to
+:meth:`Batcher.predict` and waits. One model thread takes the first waiting image and gathers
+more until ``max_batch``, until ``max_delay`` has passed since the first arrived, or until no
+other prediction is announced, and runs them through one compiled call. The model is read from the
 holder once per batch, so a hot-swap happens only between batches and every image of a batch is
 classified by the same version.
 """
@@ -50,6 +51,9 @@ class _Pending:
     future: Future[BatchResult]
 
 
+_WAKE = None  # queued by withdraw() to end a wait early
+
+
 class Batcher:
     """Groups concurrent single-image predictions of one process into batched model calls."""
 
@@ -66,33 +70,65 @@ class Batcher:
         self.max_batch = max_batch
         self.max_delay_s = max_delay_s
         self.on_batch = on_batch
-        self._queue: queue.SimpleQueue[_Pending] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._announced = 0
         self._thread = threading.Thread(target=self._run, name="cxr-batcher", daemon=True)
         self._thread.start()
 
-    def predict(self, image: np.ndarray, timeout: float | None = None) -> BatchResult:
-        """Classify one 2-D uint8 grayscale image; blocks until its batch has run."""
+    def announce(self) -> None:
+        """Say that a prediction is on its way (its task is still reading and decoding).
+
+        A forming batch waits (up to the delay) only while predictions are announced, so a lone
+        request at low load runs at once instead of paying the whole delay.
+        """
+        with self._lock:
+            self._announced += 1
+
+    def withdraw(self) -> None:
+        """Take back an :meth:`announce` whose prediction will not come (the task failed)."""
+        with self._lock:
+            self._announced -= 1
+            if self._announced <= 0:
+                self._queue.put(_WAKE)  # a forming batch stops waiting for it
+
+    def _arrived(self) -> None:
+        with self._lock:
+            self._announced -= 1
+
+    def predict(
+        self, image: np.ndarray, timeout: float | None = None, *, announced: bool = False
+    ) -> BatchResult:
+        """Classify one 2-D uint8 grayscale image; blocks until its batch has run.
+
+        ``announced``: this prediction was announced with :meth:`announce` (and now arrives).
+        """
         pending = _Pending(image, time.perf_counter(), Future())
+        if announced:
+            self._arrived()
         self._queue.put(pending)
         return pending.future.result(timeout)
 
     def _gather(self) -> list[_Pending]:
-        batch = [self._queue.get()]
-        deadline = batch[0].arrived + self.max_delay_s
+        first = self._queue.get()
+        while first is _WAKE:
+            first = self._queue.get()
+        batch = [first]
+        deadline = first.arrived + self.max_delay_s
         while len(batch) < self.max_batch:
             # Whatever is already waiting joins at once; beyond that, wait out the delay.
             try:
-                batch.append(self._queue.get_nowait())
-                continue
+                item = self._queue.get_nowait()
             except queue.Empty:
-                pass
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(self._queue.get(timeout=remaining))
-            except queue.Empty:
-                break
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or self._announced <= 0:
+                    break  # the delay is over, or no other prediction is on its way
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+            if item is not _WAKE:
+                batch.append(item)
         return batch
 
     def _run(self) -> None:

@@ -8,14 +8,16 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import redis
 from redis.typing import EncodableT, FieldT
 
 from ml.imaging import ImageError, decode_image
 from worker import metrics
-from worker.batcher import Batcher, NoModelAvailable
+from worker.batcher import Batcher, BatchResult, NoModelAvailable
 from worker.client import FINAL_STATES, NO_MODEL_MESSAGE, Keys, WorkerInfo, as_text
 from worker.holder import ModelHolder
 from worker.registry import ActiveVersion
@@ -120,6 +122,21 @@ class WorkerRuntime:
 
     def process(self, job_id: str) -> None:
         """Classify the upload of one job and store its result or error."""
+        self.batcher.announce()
+        handed = False
+
+        def classify(gray: np.ndarray) -> BatchResult:
+            nonlocal handed
+            handed = True
+            return self.batcher.predict(gray, timeout=PREDICT_TIMEOUT_SECONDS, announced=True)
+
+        try:
+            self._process(job_id, classify)
+        finally:
+            if not handed:
+                self.batcher.withdraw()
+
+    def _process(self, job_id: str, classify: Callable[[np.ndarray], BatchResult]) -> None:
         job_key, upload_key = self.keys.job(job_id), self.keys.upload(job_id)
         pipe = self.redis.pipeline(transaction=False)
         pipe.hmget(job_key, ["status", "created_at"])
@@ -145,7 +162,7 @@ class WorkerRuntime:
             t0 = time.perf_counter()
             gray = decode_image(data, max_pixels=self.settings.max_image_pixels)
             t1 = time.perf_counter()
-            batch = self.batcher.predict(gray, timeout=PREDICT_TIMEOUT_SECONDS)
+            batch = classify(gray)
         except ImageError as exc:
             self._finish(job_id, error=f"Image rejected by the worker: {exc}")
             return

@@ -42,9 +42,12 @@ def run_concurrently(batcher: Batcher, values: list[int]) -> list[Any]:
 
     def one(v: int) -> Any:
         try:
-            return batcher.predict(image(v), timeout=10)
+            return batcher.predict(image(v), timeout=10, announced=True)
         except Exception as exc:
             return exc
+
+    for _ in values:  # as the worker does when each task starts
+        batcher.announce()
 
     with ThreadPoolExecutor(len(values)) as pool:
         return list(pool.map(one, values))
@@ -81,18 +84,40 @@ def test_max_delay_zero_runs_a_lone_request_at_once() -> None:
     assert result.batch_size == 1 and result.waited_s < 0.05
 
 
-def test_max_delay_waits_for_late_arrivals() -> None:
+def test_max_delay_waits_for_announced_late_arrivals() -> None:
     model = FakeClassifier(call_seconds=0)
     batcher = Batcher(lambda: model, max_batch=16, max_delay_s=0.3)
+    batcher.announce()  # the second request's task has started, still decoding
     first: list[Any] = []
     t = threading.Thread(target=lambda: first.append(batcher.predict(image(1), timeout=5)))
     t.start()
     time.sleep(0.05)
-    second = batcher.predict(image(2), timeout=5)
+    second = batcher.predict(image(2), timeout=5, announced=True)
     t.join()
     assert model.sizes == [2]
     assert first[0].batch_size == 2 and second.batch_size == 2
-    assert first[0].waited_s == pytest.approx(0.3, abs=0.1)
+    assert 0.03 < first[0].waited_s < 0.3
+
+
+def test_a_lone_request_does_not_wait_for_the_delay() -> None:
+    """With nothing else announced, the batch runs at once however long the delay."""
+    model = FakeClassifier(call_seconds=0)
+    batcher = Batcher(lambda: model, max_batch=16, max_delay_s=1.0)
+    started = time.perf_counter()
+    result = batcher.predict(image(3), timeout=5)
+    assert time.perf_counter() - started < 0.2
+    assert result.batch_size == 1
+
+
+def test_a_withdrawn_announcement_stops_the_wait() -> None:
+    model = FakeClassifier(call_seconds=0)
+    batcher = Batcher(lambda: model, max_batch=16, max_delay_s=5.0)
+    batcher.announce()
+    threading.Timer(0.1, batcher.withdraw).start()  # that task failed before handing over
+    started = time.perf_counter()
+    batcher.predict(image(4), timeout=10)
+    # The wait ends at the next arrival check after the withdrawal, not after 5 s.
+    assert time.perf_counter() - started < 5.0
 
 
 def test_a_bad_input_fails_only_its_own_request() -> None:
