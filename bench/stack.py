@@ -315,34 +315,19 @@ def run_stack(
             "CXR_BATCH_MAX_DELAY_MS": str(batch_max_delay_ms),
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
-        worker_pids = [
-            start(
-                f"worker{i}",
-                [
-                    sys.executable,
-                    "-m",
-                    "celery",
-                    "--app",
-                    "worker.celery_app",
-                    "worker",
-                    "--queues",
-                    "inference",
-                    "--pool",
-                    pool,
-                    "--concurrency",
-                    str(worker_concurrency),
-                    "--hostname",
-                    f"bench{i}@%h",
-                    "--without-gossip",
-                    "--without-mingle",
-                    "--without-heartbeat",
-                    "--loglevel",
-                    "WARNING",
-                ],
-                env,
-            )  # fmt: skip
-            for i in range(worker_processes)
-        ]
+        worker_pids = []
+        for i in range(worker_processes):
+            cmd = [sys.executable, "-m", "celery", "--app", "worker.celery_app", "worker",
+                   "--queues", "inference", "--pool", pool,
+                   "--concurrency", str(worker_concurrency), "--hostname", f"bench{i}@%h",
+                   "--without-gossip", "--without-mingle", "--without-heartbeat",
+                   "--loglevel", "WARNING"]  # fmt: skip
+            # Each worker command serves its Prometheus metrics on a port of its own.
+            metrics = {
+                "CXR_WORKER_METRICS_PORT": str(free_port()),
+                "CXR_WORKER_METRICS_ADDR": "127.0.0.1",
+            }
+            worker_pids.append(start(f"worker{i}", cmd, env | metrics))
         # The deployed gunicorn settings (web/gunicorn_conf.py) when present; flags override them.
         conf = ["--config", "python:web.gunicorn_conf"] if GUNICORN_CONF.is_file() else []
         web_pid = start(
