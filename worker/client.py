@@ -80,6 +80,10 @@ class Keys:
         """Pattern matching every worker heartbeat key."""
         return f"{self.prefix}:worker:*"
 
+    def workers(self) -> str:
+        """Sorted set of worker heartbeat keys by the time each expires (an index: no SCAN)."""
+        return f"{self.prefix}:workers"
+
     def active_version(self) -> str:
         """The number of the model version every worker should serve."""
         return f"{self.prefix}:model:active"
@@ -242,7 +246,11 @@ class PredictionClient:
 
     def workers(self) -> list[WorkerInfo]:
         """Return the heartbeats of every live worker process."""
-        names = list(self.redis.scan_iter(match=self.keys.worker_pattern(), count=100))
+        index = self.keys.workers()
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.zremrangebyscore(index, "-inf", time.time())  # heartbeats that have expired
+        pipe.zrange(index, 0, -1)
+        names = pipe.execute()[1]
         if not names:
             return []
         infos = []

@@ -61,6 +61,7 @@ class WorkerRuntime:
         self._wake.set()
         try:
             self.redis.delete(self.keys.worker(self.name))
+            self.redis.zrem(self.keys.workers(), self.keys.worker(self.name))
         except redis.RedisError:
             log.warning("could not remove heartbeat of %s", self.name)
 
@@ -78,7 +79,11 @@ class WorkerRuntime:
             loaded_at=self.holder.loaded_at,
         )
         ttl = max(1, int(self.settings.worker_heartbeat_seconds * 3))
-        self.redis.set(self.keys.worker(self.name), info.to_json(), ex=ttl)
+        key = self.keys.worker(self.name)
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.set(key, info.to_json(), ex=ttl)
+        pipe.zadd(self.keys.workers(), {key: time.time() + ttl})
+        pipe.execute()
 
     def _wanted_version(self) -> int | None:
         try:

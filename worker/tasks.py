@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -18,6 +19,8 @@ from worker.app import TASK_PREDICT
 from worker.runtime import get_runtime, stop_runtime
 from worker.settings import get_settings
 
+log = logging.getLogger(__name__)
+
 
 @worker_process_init.connect
 def _start_in_child(**_: Any) -> None:
@@ -27,13 +30,16 @@ def _start_in_child(**_: Any) -> None:
 
 @worker_ready.connect
 def _on_ready(sender: Any = None, **_: Any) -> None:
-    settings = get_settings()
-    metrics.serve(settings.worker_metrics_port, settings.worker_metrics_addr)
     # The threads (or solo) pool runs tasks in this very process: load the model now instead of
     # on the first task. A prefork parent must not (see above); its children did already.
     pool = getattr(sender, "pool", None)
     if pool is not None and "prefork" not in type(pool).__module__:
         get_runtime()
+    settings = get_settings()
+    try:
+        metrics.serve(settings.worker_metrics_port, settings.worker_metrics_addr)
+    except OSError as exc:  # a taken port must not stop the worker from serving predictions
+        log.error("metrics endpoint on port %s not started: %s", settings.worker_metrics_port, exc)
 
 
 @worker_process_shutdown.connect

@@ -78,7 +78,9 @@ def heartbeat(
         error=None,
         updated_at=time.time(),
     )
-    redis_client.set(Keys(settings.key_prefix).worker(name), info.to_json(), ex=60)
+    keys = Keys(settings.key_prefix)
+    redis_client.set(keys.worker(name), info.to_json(), ex=60)
+    redis_client.zadd(keys.workers(), {keys.worker(name): time.time() + 60})
 
 
 def queue_length(redis_client: redis.Redis, settings: Settings) -> int:

@@ -93,8 +93,11 @@ def test_promote_while_streaming_then_a_corrupt_version(
             wait_for(lambda: len(stream.records) >= 10, 30, "predictions on version 1")
             changed_at = time.time()
             active.set(2, actor="test", reason="hot-swap test")
-            wait_for(lambda: worker.serving(2), 30, "every worker to serve version 2")
-            swapped_at = max(float(str(b["loaded_at"])) for b in worker.heartbeats())
+            wait_for(lambda: worker.serving(2), 30, "every worker to serve version 2", 0.02)
+            # The swap is complete once every process reports version 2 (observed here, after
+            # the last one finished loading).
+            swapped_at = time.time()
+            loaded = max(float(str(b["loaded_at"])) for b in worker.heartbeats())
             n = len(stream.records)
             wait_for(lambda: len(stream.records) >= n + 10, 30, "predictions on version 2")
 
@@ -115,12 +118,13 @@ def test_promote_while_streaming_then_a_corrupt_version(
         versions = [d["result"]["model_version"] for d in docs]
         assert set(versions) == {1, 2}
         after = [d["result"]["model_version"] for d in docs if d["started"] > swapped_at]
-        assert after and set(after) == {2}
+        around = [(round(d["started"] - swapped_at, 3), d["result"]["model_version"]) for d in docs]
+        assert after and set(after) == {2}, around
         assert all(b["model_version"] == 2 and b["state"] == "serving" for b in worker.heartbeats())
         print(  # noqa: T201
             json.dumps(
                 {
-                    "swap_seconds": round(swapped_at - changed_at, 3),
+                    "swap_seconds": round(loaded - changed_at, 3),
                     "requests": len(docs),
                     "failed": len(stream.errors),
                 }
