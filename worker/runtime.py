@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -52,8 +53,12 @@ class WorkerRuntime:
 
     def start(self) -> None:
         """Start the threads that load the model, watch the active version and report."""
+        self._safe_heartbeat()  # "loading"
         threading.Thread(target=self._watch, name="cxr-model-watch", daemon=True).start()
         threading.Thread(target=self._listen, name="cxr-model-events", daemon=True).start()
+        # Its own thread: loading a model can take longer than the heartbeat's lifetime, and a
+        # process that is loading a new version still serves the old one.
+        threading.Thread(target=self._beat, name="cxr-heartbeat", daemon=True).start()
 
     def stop(self) -> None:
         """Stop reporting and remove this process's heartbeat."""
@@ -78,7 +83,7 @@ class WorkerRuntime:
             updated_at=time.time(),
             loaded_at=self.holder.loaded_at,
         )
-        ttl = max(1, int(self.settings.worker_heartbeat_seconds * 3))
+        ttl = max(2, math.ceil(self.settings.worker_heartbeat_seconds * 3))
         key = self.keys.worker(self.name)
         pipe = self.redis.pipeline(transaction=False)
         pipe.set(key, info.to_json(), ex=ttl)
@@ -94,14 +99,17 @@ class WorkerRuntime:
             return serving.version if serving else None
 
     def _watch(self) -> None:
-        # Report "loading" first; then, once per period or as soon as a pointer change is
-        # announced: load the active version if it changed, report.
-        self._safe_heartbeat()
+        # Once per period, or as soon as a pointer change is announced: load the active version
+        # if it changed, and report what is served now.
         while not self._stop.is_set():
             self.holder.refresh()
             self._safe_heartbeat()
             self._wake.wait(self.settings.worker_heartbeat_seconds)
             self._wake.clear()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.settings.worker_heartbeat_seconds):
+            self._safe_heartbeat()
 
     def _listen(self) -> None:
         # Pub/sub makes a swap start within milliseconds; the periodic check above still covers

@@ -93,7 +93,12 @@ def test_promote_while_streaming_then_a_corrupt_version(
             wait_for(lambda: len(stream.records) >= 10, 30, "predictions on version 1")
             changed_at = time.time()
             active.set(2, actor="test", reason="hot-swap test")
-            wait_for(lambda: worker.serving(2), 30, "every worker to serve version 2", 0.02)
+            wait_for(
+                lambda: len(worker.heartbeats()) == 2 and worker.serving(2),
+                30,
+                "both worker processes to serve version 2",
+                0.02,
+            )
             # The swap is complete once every process reports version 2 (observed here, after
             # the last one finished loading).
             swapped_at = time.time()
@@ -104,7 +109,10 @@ def test_promote_while_streaming_then_a_corrupt_version(
             # A corrupt version is never served: the old one keeps answering, the error shows.
             active.set(3, actor="test", reason="corrupt version")
             wait_for(
-                lambda: all("version 3" in str(b["error"]) for b in worker.heartbeats()),
+                lambda: (
+                    len(beats := worker.heartbeats()) == 2
+                    and all("version 3" in str(b["error"]) for b in beats)
+                ),
                 30,
                 "both workers to report that version 3 failed",
             )
