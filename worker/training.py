@@ -123,19 +123,10 @@ class TrainingRunner:
                 raise JobFailed(f"weights file {request.base!r} not found in CXR_DATA_DIR")
             base_weights = os.fspath(path)
             base_label = request.base
-        config = TrainConfig(
-            input_size=input_size,
-            epochs_head=request.epochs_head,
-            epochs_finetune=request.epochs_finetune,
-            learning_rate_head=request.learning_rate_head,
-            learning_rate_finetune=request.learning_rate_finetune,
-            finetune_blocks=request.finetune_blocks,
-            batch_size=request.batch_size,
-            seed=request.seed,
-            augment=request.augment,
-            patience=request.patience,
-            max_images_per_class=request.max_images_per_class,
-            base_weights=base_weights,
+        # The request's knobs carry TrainConfig's names; only the base is resolved here.
+        knobs = request.model_dump(exclude={"dataset", "base", "promotion"})
+        config = TrainConfig.from_dict(
+            knobs | {"input_size": input_size, "base_weights": base_weights}
         )
         root = self.settings.data_dir / request.dataset
         if not root.is_dir():
