@@ -15,6 +15,11 @@ TASK_TRAIN = "cxr.train"
 Role = Literal["inference", "trainer", "client"]
 
 
+def unacked_mutex_expire(settings: Settings) -> int:
+    """Seconds kombu's restore lock lives: the longest a dead scanner delays redelivery."""
+    return max(5, 2 * settings.restore_interval_seconds)
+
+
 def create_celery(settings: Settings | None = None, role: Role = "client") -> Celery:
     """Return a Celery app configured from ``settings`` (the environment by default).
 
@@ -24,24 +29,29 @@ def create_celery(settings: Settings | None = None, role: Role = "client") -> Ce
     settings = settings or get_settings()
     include = {"inference": ["worker.tasks"], "trainer": ["worker.training"], "client": []}[role]
     app = Celery("cxr", broker=settings.redis_url, include=include)
+    # kombu's restore scan hands back every message in its unacked set that is older than *its
+    # own* visibility timeout: a trainer's set of its own keeps inference workers (60 s) from
+    # redelivering a training run that is still going. kombu's default names ("unacked", ...) are
+    # global to the Redis database; under the key prefix, two deployments never share them.
+    unacked = f"{settings.key_prefix}:{'training' if role == 'trainer' else 'inference'}:unacked"
     transport: dict[str, Any] = {
         "visibility_timeout": settings.visibility_timeout_seconds,
         # kombu scans for unacknowledged tasks every interval * throttle seconds (10 * 10 by
         # default); throttle 1 makes the interval the whole delay.
         "unacked_restore_interval": settings.restore_interval_seconds,
         "unacked_restore_throttle": 1,
+        "unacked_key": unacked,
+        "unacked_index_key": f"{unacked}_index",
+        "unacked_mutex_key": f"{unacked}_mutex",
+        # The scan runs under a lock that a worker killed mid-scan never releases: with kombu's
+        # 300 s expiry no task of any crashed worker came back for five minutes. The lock only
+        # keeps workers from scanning at once (each restore is a WATCHed transaction), so a
+        # short expiry is safe.
+        "unacked_mutex_expire": unacked_mutex_expire(settings),
     }
     extra: dict[str, Any] = {}
     if role == "trainer":
-        # kombu's restore scan hands back every message in its unacked set that is older than
-        # *its own* visibility timeout: a trainer's set of its own keeps inference workers (60 s)
-        # from redelivering a training run that is still going.
-        transport |= {
-            "visibility_timeout": settings.training_visibility_timeout_seconds,
-            "unacked_key": f"{settings.key_prefix}:training:unacked",
-            "unacked_index_key": f"{settings.key_prefix}:training:unacked_index",
-            "unacked_mutex_key": f"{settings.key_prefix}:training:unacked_mutex",
-        }
+        transport["visibility_timeout"] = settings.training_visibility_timeout_seconds
         # A run must end before its message would be redelivered to another trainer.
         extra["task_time_limit"] = max(60, settings.training_visibility_timeout_seconds - 60)
     app.conf.update(

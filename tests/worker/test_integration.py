@@ -151,7 +151,7 @@ def test_bad_image_fails_only_its_own_job(
 def test_task_of_a_killed_worker_is_redelivered_in_seconds(
     redis_url: str, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    """kill -9 of a worker holding an unacknowledged task: another worker completes it."""
+    """kill -9 of a worker holding a task and the restore lock: another worker completes it."""
     settings = make_settings(redis_url, tiny_model_dir)
     first = start_worker(settings, tmp_path, name="doomed")
     second: WorkerProcess | None = None
@@ -165,6 +165,10 @@ def test_task_of_a_killed_worker_is_redelivered_in_seconds(
         r = first.redis
         wait_for(lambda: r.llen(settings.inference_queue) == 0, 10, "the worker to reserve")
         assert job_status(settings, job_id)["status"] == "queued"
+        # The worst moment: the worker dies inside kombu's restore scan, holding its lock.
+        options = create_celery(settings, "inference").conf.broker_transport_options
+        lock = r.lock(options["unacked_mutex_key"], timeout=options["unacked_mutex_expire"])
+        assert lock.acquire(blocking=False)
         first.stop(signal.SIGKILL)
         os.kill(child_pid, signal.SIGKILL)
         killed_at = time.monotonic()
@@ -174,7 +178,7 @@ def test_task_of_a_killed_worker_is_redelivered_in_seconds(
         redelivered_after = time.monotonic() - killed_at
         assert doc["status"] == "done", doc
         assert_well_formed(doc["result"])
-        # Visibility timeout 4 s + restore scan every 1 s + a fresh worker's start-up, not 1 h.
+        # Visibility 4 s + the dead worker's lock expiring + a scan every 1 s + start-up, not 1 h.
         assert redelivered_after < 60, redelivered_after
         print(json.dumps({"redelivered_after_s": round(redelivered_after, 1)}))  # noqa: T201
     finally:
