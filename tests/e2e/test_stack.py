@@ -2,68 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import CLASSES, ROOT, WorkerProcess, free_port, settings_env, wait_for
-from worker.settings import Settings
+from tests.conftest import CLASSES
+from tests.e2e.conftest import DATA_DIR, real_xrays
 
 pytestmark = pytest.mark.integration
-
-DATA_DIR = os.environ.get("CXR_TEST_DATA_DIR")
-
-
-def real_xrays(per_class: int) -> list[Path]:
-    """The first ``per_class`` test-split images of each class in $CXR_TEST_DATA_DIR."""
-    assert DATA_DIR is not None
-    root = Path(DATA_DIR)
-    split = next((root / s for s in ("test", "val", "train") if (root / s).is_dir()), None)
-    assert split is not None, f"no test/val/train folder in {root}"
-    files: list[Path] = []
-    for cls in sorted(p for p in split.iterdir() if p.is_dir()):
-        files += sorted(f for f in cls.iterdir() if f.suffix.lower() in {".jpg", ".jpeg", ".png"})[
-            :per_class
-        ]
-    return files
-
-
-@pytest.fixture(scope="module")
-def web_url(
-    worker_settings: Settings, live_worker: WorkerProcess, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[str]:
-    """gunicorn serving the app on 127.0.0.1, in front of the session's worker."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("gunicorn") / "web.log"
-    cmd = [sys.executable, "-m", "gunicorn", "--config", "python:web.gunicorn_conf",
-           "--bind", f"127.0.0.1:{port}", "--workers", "2", "web:create_app()"]  # fmt: skip
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            cmd, cwd=ROOT, env=settings_env(worker_settings), stdout=out, stderr=subprocess.STDOUT
-        )
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return requests.get(f"{url}/healthz", timeout=1).ok
-        except requests.ConnectionError:
-            return False
-
-    try:
-        wait_for(up, 30, "gunicorn")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(20)
 
 
 def poll(url: str, timeout: float = 60) -> dict[str, Any]:

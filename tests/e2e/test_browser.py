@@ -1,0 +1,124 @@
+"""The pages in a real browser: headless Debian Chromium driven by Playwright, against gunicorn."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from tests.conftest import CLASSES, make_settings
+from tests.e2e.conftest import DATA_DIR, gunicorn, real_xrays
+
+pytestmark = pytest.mark.integration
+
+CHROMIUM = "/usr/bin/chromium"
+# No download of Playwright's own browser: Debian's, with everything that would phone home off.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--no-first-run",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    """Headless Chromium (scripts/system-deps.sh installs it)."""
+    assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing: run `bash scripts/system-deps.sh`"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh page whose script errors fail the test."""
+    context = browser.new_context()
+    page = context.new_page()
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield page
+    context.close()
+    assert not errors, errors
+
+
+@pytest.mark.skipif(DATA_DIR is None, reason="CXR_TEST_DATA_DIR is not set (.ci/run sets it)")
+def test_upload_form_shows_a_result_card_per_xray(
+    page: Page, web_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Choose two real X-rays, submit: each card ends with a label, bars and the version."""
+    images = real_xrays(per_class=1)
+    page.goto(f"{web_url}/")
+    page.set_input_files("input[type=file]", [str(p) for p in images])
+    page.click("button[type=submit]")
+    page.wait_for_url("**/results?**")
+
+    cards = page.locator("section.card")
+    expect(cards).to_have_count(len(images))
+    for i, path in enumerate(images):
+        card = cards.nth(i)
+        expect(card.locator(".status.done")).to_be_visible(timeout=60_000)
+        assert card.locator(".status").inner_text() in CLASSES
+        expect(card.locator(".filename")).to_have_text(path.name)
+        expect(card.locator(".bar-row")).to_have_count(len(CLASSES))
+        expect(card.locator(".meta")).to_contain_text("Model version 1")
+        expect(card.locator(".meta")).to_contain_text("from upload to result")
+    page.screenshot(path=str(tmp_path / f"{request.node.name}.png"), full_page=True)
+
+
+def test_a_file_that_is_not_an_image_is_refused_on_the_form(page: Page, web_url: str) -> None:
+    page.goto(f"{web_url}/")
+    page.set_input_files(
+        "input[type=file]",
+        files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image at all"}],
+    )
+    page.click("button[type=submit]")
+    alert = page.locator(".errors")
+    expect(alert).to_be_visible()
+    expect(alert).to_contain_text("notes.png")
+    expect(page.locator("section.card")).to_have_count(0)
+
+
+def test_an_unknown_result_id_says_it_expired_or_never_existed(page: Page, web_url: str) -> None:
+    page.goto(f"{web_url}/results?id={uuid.uuid4().hex}")
+    expect(page.locator(".status.failed")).to_contain_text("expired or never existed")
+
+
+ADMIN_TOKEN = "browser-test-admin-token"
+
+
+@pytest.fixture
+def admin_url(redis_url: str, model_dir: Path, tmp_path: Path) -> Iterator[str]:
+    """gunicorn with the admin API on, over a registry with versions 1 and 2 (none active)."""
+    settings = make_settings(redis_url, model_dir, admin_token=ADMIN_TOKEN)
+    with gunicorn(settings, tmp_path) as url:
+        yield url
+
+
+def test_admin_page_signs_in_promotes_and_records_it(page: Page, admin_url: str) -> None:
+    page.goto(f"{admin_url}/admin")
+    page.fill("#token", "a-wrong-token-of-enough-length")
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("#login-message")).to_be_visible()
+    expect(page.locator("#panel")).to_be_hidden()
+
+    page.fill("#token", ADMIN_TOKEN)
+    page.fill("#actor", "dr-browser")
+    page.click("#login-form button[type=submit]")
+    expect(page.locator("#panel")).to_be_visible()
+    expect(page.locator("#active-version")).to_have_text("none")
+    rows = page.locator("#versions tbody tr")
+    expect(rows).to_have_count(2)
+    v2 = rows.filter(has_text="v2")
+    expect(v2).to_contain_text("0.960")  # its ROC AUC
+    expect(v2.locator("img")).to_be_visible()  # the curves, fetched with the token
+
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.fill("#reason", "better AUC")
+    v2.get_by_role("button", name="Promote").click()
+    expect(page.locator("#active-version")).to_have_text("version 2")
+    audit = page.locator("#audit tbody tr").first
+    for text in ("dr-browser", "promote", "2", "better AUC"):
+        expect(audit).to_contain_text(text)
