@@ -151,6 +151,17 @@ def add_admin_commands(sub: Any) -> None:
         "--max-images-per-class", type=int, help="use at most this many images of each class"
     )
     train.add_argument(
+        "--patience", type=int, help="epochs without a better validation AUC before stopping"
+    )
+    train.add_argument("--seed", type=int, help="random seed (split, shuffling, initial weights)")
+    train.add_argument(
+        "--no-augment",
+        dest="augment",
+        action="store_const",
+        const=False,
+        help="train without the light augmentation (rotation, zoom, shift)",
+    )
+    train.add_argument(
         "--wait", action="store_true", help="follow the job's progress until it ends"
     )
     train.add_argument(
@@ -465,7 +476,7 @@ def cmd_train(args: argparse.Namespace, api: AdminApi) -> int:
     names = (
         "dataset", "base", "input_size", "epochs_head", "epochs_finetune", "learning_rate_head",
         "learning_rate_finetune", "finetune_blocks", "batch_size", "promotion",
-        "max_images_per_class",
+        "max_images_per_class", "patience", "seed", "augment",
     )  # fmt: skip
     body = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     doc = api.call("POST", "/training-jobs", body)

@@ -167,7 +167,10 @@ def test_train_jobs_job_cancel(
 ) -> None:
     url, settings = live
     args = ["train", "--dataset", "small", "--input-size", "32", "--epochs-head", "1"]
-    code, out, err = cxr(capsys, url, *args, "--epochs-finetune", "0", "--promotion", "never")
+    more = ["--patience", "2", "--seed", "7", "--no-augment"]
+    code, out, err = cxr(
+        capsys, url, *args, *more, "--epochs-finetune", "0", "--promotion", "never"
+    )
     assert code == 0, err
     job_id = out.strip()
     assert JOB_ID.match(job_id)
@@ -184,7 +187,8 @@ def test_train_jobs_job_cancel(
     assert code == 0
     assert f"id:        {job_id}" in out
     assert "status:    queued" in out
-    for param in ("dataset=small", "input_size=32", "epochs_finetune=0", "promotion=never"):
+    for param in ("dataset=small", "input_size=32", "epochs_finetune=0", "promotion=never",
+                  "patience=2", "seed=7", "augment=False"):  # fmt: skip
         assert param in out
 
     code, out, _ = cxr(capsys, url, "cancel", job_id)
