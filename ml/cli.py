@@ -429,10 +429,17 @@ def progress_text(job: dict[str, Any]) -> str:
     progress = job.get("progress")
     if not isinstance(progress, dict):
         return "waiting for a trainer" if job.get("status") == "queued" else ""
-    parts = [str(progress.get("phase") or "")]
+    parts = [f"phase {progress['phase']}" if progress.get("phase") else ""]
     epoch, total = progress.get("epoch"), progress.get("total_epochs")
+    batch, batches = progress.get("batch"), progress.get("batches")
     if isinstance(epoch, int | float) and isinstance(total, int | float) and total:
-        parts.append(f"epoch {epoch}/{total} ({100 * epoch / total:.0f}%)")
+        parts.append(f"epoch {epoch}/{total}")
+        done = epoch
+        # While an epoch runs, ``epoch`` is the running one and ``batch`` says how far it is.
+        if isinstance(batch, int) and isinstance(batches, int) and batches > 0:
+            parts.append(f"batch {batch}/{batches}")
+            done = epoch - 1 + batch / batches
+        parts.append(f"({100 * done / total:.0f}%)")
     metrics = progress.get("metrics")
     if isinstance(metrics, dict):
         parts += [f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, int | float)]

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Dataset",
     "DatasetError",
+    "BatchReport",
     "EpochReport",
     "TrainConfig",
     "TrainResult",
@@ -65,6 +66,7 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 VGG16_BLOCKS = 5
 MAX_INPUT_SIZE = 1024
 MIN_INPUT_SIZE = 32  # VGG16 halves the image five times (same limit as ml.model).
+BATCH_REPORT_SECONDS = 2.0  # in-epoch progress: often enough to watch, rare enough to be free
 
 
 class DatasetError(ValueError):
@@ -408,6 +410,24 @@ class EpochReport:
 
 
 @dataclass
+class BatchReport:
+    """Progress inside an epoch, passed to ``train(on_batch=...)`` every few seconds.
+
+    ``epoch`` is the running epoch (from 1 across both phases), ``batch`` of ``batches`` the
+    training batches it has finished. ``eta_seconds`` is measured on the batches so far: before
+    the first epoch ends it is the only estimate there is.
+    """
+
+    phase: int
+    epoch: int
+    batch: int
+    batches: int
+    total_epochs: int
+    elapsed_seconds: float
+    eta_seconds: float | None
+
+
+@dataclass
 class TrainResult:
     """What :func:`train` produced.
 
@@ -586,18 +606,24 @@ class _Progress:
         self,
         config: TrainConfig,
         started: float,
+        batches: int,
         on_epoch: Callable[[EpochReport], None] | None,
+        on_batch: Callable[[BatchReport], None] | None,
         should_stop: Callable[[], bool] | None,
     ) -> None:
         self.config = config
         self.started = started
+        self.batches = batches
         self.on_epoch = on_epoch
+        self.on_batch = on_batch
         self.should_stop = should_stop
+        self.last_batch_report = -math.inf
         self.history: list[dict[str, Any]] = []
         self.epoch_seconds: list[float] = []
         self.phase = 1
         self.epoch_started = 0.0
         self.phase_first_epoch = 1  # global number of the current phase's first epoch
+        self.phase_epoch_index = 0  # the running epoch within its phase, from 0
 
     def check_stop(self) -> None:
         """Raise TrainingCancelled if the caller asked to stop."""
@@ -610,6 +636,7 @@ class _Progress:
 
         def on_epoch_begin(epoch: int, logs: dict[str, Any] | None = None) -> None:
             self.epoch_started = time.monotonic()
+            self.phase_epoch_index = epoch
 
         def on_train_batch_end(batch: int, logs: dict[str, Any] | None = None) -> None:
             if self.should_stop is not None and self.should_stop():
@@ -617,6 +644,7 @@ class _Progress:
                 # Raised here, not after fit returns: fit would otherwise still run the epoch's
                 # validation pass before noticing stop_training.
                 raise TrainingCancelled("training cancelled on request")
+            self.batch_done(batch + 1)
 
         def on_epoch_end(epoch: int, logs: dict[str, Any] | None = None) -> None:
             self.record(epoch, logs or {})
@@ -626,6 +654,39 @@ class _Progress:
             on_epoch_end=on_epoch_end,
             on_train_batch_end=on_train_batch_end,
         )
+
+    def batch_done(self, batch: int) -> None:
+        """Send a BatchReport after the first batch and then every BATCH_REPORT_SECONDS."""
+        now = time.monotonic()
+        if self.on_batch is None or now - self.last_batch_report < BATCH_REPORT_SECONDS:
+            return
+        self.last_batch_report = now
+        epoch = self.phase_first_epoch + self.phase_epoch_index
+        remaining = self.remaining_epochs(self.phase_epoch_index + 1)
+        per_batch = (now - self.epoch_started) / batch
+        self.on_batch(
+            BatchReport(
+                phase=self.phase,
+                epoch=epoch,
+                batch=batch,
+                batches=self.batches,
+                total_epochs=epoch + remaining,
+                elapsed_seconds=now - self.started,
+                eta_seconds=per_batch * (self.batches - batch)
+                + self.mean_epoch_seconds(per_batch) * remaining,
+            )
+        )
+
+    def remaining_epochs(self, done_in_phase: int) -> int:
+        """Planned epochs after the first ``done_in_phase`` of the current phase."""
+        later = self.config.planned_epochs(2) if self.phase == 1 else 0
+        return self.config.planned_epochs(self.phase) - done_in_phase + later
+
+    def mean_epoch_seconds(self, per_batch: float) -> float:
+        """Mean time of the finished epochs, or an estimate from the batch rate before any."""
+        if self.epoch_seconds:
+            return sum(self.epoch_seconds) / len(self.epoch_seconds)
+        return per_batch * self.batches
 
     def start_phase(self, phase: int) -> None:
         """Mark the start of ``phase``; global epoch numbers continue from the last phase."""
@@ -640,8 +701,7 @@ class _Progress:
         epoch = self.phase_first_epoch + phase_epoch_index
         self.history.append({"phase": self.phase, "epoch": epoch, **metrics})
         phase_epochs = self.config.planned_epochs(self.phase)
-        later = self.config.planned_epochs(2) if self.phase == 1 else 0
-        remaining = phase_epochs - (phase_epoch_index + 1) + later
+        remaining = self.remaining_epochs(phase_epoch_index + 1)
         mean = sum(self.epoch_seconds) / len(self.epoch_seconds)
         report = EpochReport(
             phase=self.phase,
@@ -663,6 +723,7 @@ def train(
     *,
     base_model: keras.Model | None = None,
     on_epoch: Callable[[EpochReport], None] | None = None,
+    on_batch: Callable[[BatchReport], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> TrainResult:
     """Train (phase 1: head; phase 2: last VGG16 blocks), then evaluate on the test split.
@@ -673,6 +734,8 @@ def train(
         base_model: Continue from this classifier (its architecture and weights; it is copied,
             not modified) instead of building a new one from ``config.base_weights``.
         on_epoch: Called after every epoch with an :class:`EpochReport`.
+        on_batch: Called during epochs with a :class:`BatchReport`: after the first training
+            batch, then at most every ``BATCH_REPORT_SECONDS``.
         should_stop: Polled after every training batch; returning True raises
             :class:`TrainingCancelled`.
 
@@ -693,7 +756,8 @@ def train(
     negative = negative_index(dataset.class_names, NEGATIVE_CLASS)
     class_weight = balanced_class_weights(dataset.y_train, len(dataset.class_names))
     train_ds, val_ds = _input_pipelines(config, dataset)
-    progress = _Progress(config, started, on_epoch, should_stop)
+    batches = math.ceil(len(dataset.y_train) / config.batch_size)
+    progress = _Progress(config, started, batches, on_epoch, on_batch, should_stop)
 
     phases = [
         (1, config.planned_epochs(1), config.learning_rate_head, 0),

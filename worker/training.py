@@ -1,7 +1,8 @@
 """The fine-tuning task, run by the trainer worker only (queue ``training``, concurrency 1).
 
 dataset → :func:`ml.training.train` → a new registry version → the promotion policy. Progress is
-written to the job's Redis hash after every epoch; cancellation is checked at every batch. A
+written to the job's Redis hash after every epoch and every few seconds during one; cancellation
+is checked at every batch. A
 cancelled or failed job publishes nothing and leaves the active version alone; a redelivered job
 whose version was already published is marked done, never trained twice.
 """
@@ -33,7 +34,7 @@ from worker.registry import ActiveVersion, PointerError
 from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from ml.training import Dataset, EpochReport, TrainConfig
+    from ml.training import BatchReport, Dataset, EpochReport, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,32 @@ CANCEL_CHECK_SECONDS = 0.5
 
 class JobFailed(Exception):
     """A job cannot run as asked; the message is shown to the administrator."""
+
+
+class ProgressWriter:
+    """Writes a job's ``progress`` field: the last finished epoch, or where the running one is.
+
+    After an epoch: the :class:`~ml.training.EpochReport` (``epoch`` = the finished one). During
+    one: the :class:`~ml.training.BatchReport` (``epoch`` = the running one, with ``batch`` and
+    ``batches``) plus the metrics of the last finished epoch.
+    """
+
+    def __init__(self, redis_client: redis.Redis, job_key: str):
+        self.redis = redis_client
+        self.job_key = job_key
+        self.metrics: dict[str, float] = {}
+
+    def epoch_done(self, report: EpochReport) -> None:
+        """Record a finished epoch."""
+        self.metrics = report.metrics
+        self._write(dataclasses.asdict(report))
+
+    def batch_done(self, report: BatchReport) -> None:
+        """Record progress inside the running epoch."""
+        self._write({"metrics": self.metrics, **dataclasses.asdict(report)})
+
+    def _write(self, doc: dict[str, Any]) -> None:
+        self.redis.hset(self.job_key, "progress", json.dumps({"stage": "training", **doc}))
 
 
 class TrainingRunner:
@@ -133,11 +160,13 @@ class TrainingRunner:
             raise JobFailed(f"dataset {request.dataset!r} not found in CXR_DATA_DIR")
         dataset = load_dataset(root, config)
         should_stop = self._cancel_check(job_id)
+        progress = ProgressWriter(self.redis, self.keys.training_job(job_id))
         result = train(
             config,
             dataset,
             base_model=base_model,
-            on_epoch=lambda report: self._progress(job_id, report),
+            on_epoch=progress.epoch_done,
+            on_batch=progress.batch_done,
             should_stop=should_stop,
         )
         if should_stop(force=True):
@@ -217,10 +246,6 @@ class TrainingRunner:
             return None
         model = load_model(self.settings.model_dir, active)
         return evaluate_model(model, data.x_test, data.y_test, data.class_names)
-
-    def _progress(self, job_id: str, report: EpochReport) -> None:
-        doc = {"stage": "training", **dataclasses.asdict(report)}
-        self.redis.hset(self.keys.training_job(job_id), "progress", json.dumps(doc))
 
     def _cancel_check(self, job_id: str) -> Any:
         key = self.keys.training_job(job_id)

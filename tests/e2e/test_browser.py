@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
+import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.conftest import CLASSES, make_settings
 from tests.e2e.conftest import DATA_DIR, gunicorn, real_xrays
+from worker.client import Keys
+from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
@@ -90,14 +95,32 @@ ADMIN_TOKEN = "browser-test-admin-token"
 
 
 @pytest.fixture
-def admin_url(redis_url: str, model_dir: Path, tmp_path: Path) -> Iterator[str]:
+def admin_web(redis_url: str, model_dir: Path, tmp_path: Path) -> Iterator[tuple[str, Settings]]:
     """gunicorn with the admin API on, over a registry with versions 1 and 2 (none active)."""
     settings = make_settings(redis_url, model_dir, admin_token=ADMIN_TOKEN)
     with gunicorn(settings, tmp_path) as url:
-        yield url
+        yield url, settings
 
 
-def test_admin_page_signs_in_promotes_and_records_it(page: Page, admin_url: str) -> None:
+def test_admin_page_signs_in_promotes_and_records_it(
+    page: Page, admin_web: tuple[str, Settings]
+) -> None:
+    admin_url, settings = admin_web
+    # A job as the trainer leaves it in the middle of an epoch (no trainer runs here).
+    r = requests.post(
+        f"{admin_url}/api/v1/admin/training-jobs",
+        json={"dataset": "cxr", "epochs_finetune": 12},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=10,
+    )
+    assert r.status_code == 202, r.text
+    progress = {"stage": "training", "phase": 2, "epoch": 4, "batch": 17, "batches": 34,
+                "total_epochs": 10, "metrics": {"val_auc": 0.93}, "eta_seconds": 125}  # fmt: skip
+    redis.Redis.from_url(settings.redis_url).hset(
+        Keys(settings.key_prefix).training_job(r.json()["id"]),
+        mapping={"status": "running", "progress": json.dumps(progress)},
+    )
+
     page.goto(f"{admin_url}/admin")
     page.fill("#token", "a-wrong-token-of-enough-length")
     page.click("#login-form button[type=submit]")
@@ -114,6 +137,9 @@ def test_admin_page_signs_in_promotes_and_records_it(page: Page, admin_url: str)
     v2 = rows.filter(has_text="v2")
     expect(v2).to_contain_text("0.960")  # its ROC AUC
     expect(v2.locator("img")).to_be_visible()  # the curves, fetched with the token
+    job = page.locator("#jobs .job")
+    expect(job).to_contain_text("phase 2 · epoch 4/10 · batch 17/34 · val_auc 0.930")
+    expect(job.get_by_role("progressbar")).to_have_attribute("aria-valuenow", "35")  # 3.5/10
 
     page.on("dialog", lambda dialog: dialog.accept())
     page.fill("#reason", "better AUC")

@@ -227,14 +227,23 @@ def test_train_wait_follows_the_job(
     url, settings = live
     keys = Keys(settings.key_prefix)
 
-    def progress(epoch: int) -> dict[str, str]:
-        doc = {"phase": "head", "epoch": epoch, "total_epochs": 2,
+    def progress(epoch: int, batch: int | None = None) -> dict[str, str]:
+        # As the trainer writes it: after an epoch, or inside one (batch of batches).
+        doc = {"stage": "training", "phase": 1, "epoch": epoch, "total_epochs": 2,
                "metrics": {"val_auc": 0.5 + epoch / 10}, "eta_seconds": 2 - epoch}  # fmt: skip
+        if batch is not None:
+            doc |= {"batch": batch, "batches": 4, "metrics": {}, "eta_seconds": 8}
         return {"status": "running", "progress": json.dumps(doc)}
 
     outcome = {"version": 3, "promoted": False, "reason": "policy is never"}
     states = iter(
-        [progress(1), progress(1), progress(2), {"status": "done", "outcome": json.dumps(outcome)}]
+        [
+            progress(1, batch=1),
+            progress(1),
+            progress(1),
+            progress(2),
+            {"status": "done", "outcome": json.dumps(outcome)},
+        ]  # fmt: skip
     )
 
     def trainer_step(seconds: float) -> None:
@@ -251,8 +260,9 @@ def test_train_wait_follows_the_job(
     # One line per change, not per poll.
     assert lines == [
         "queued: waiting for a trainer",
-        "running: head  epoch 1/2 (50%)  val_auc=0.600  eta 1s",
-        "running: head  epoch 2/2 (100%)  val_auc=0.700  eta 0s",
+        "running: phase 1  epoch 1/2  batch 1/4  (12%)  eta 8s",
+        "running: phase 1  epoch 1/2  (50%)  val_auc=0.600  eta 1s",
+        "running: phase 1  epoch 2/2  (100%)  val_auc=0.700  eta 0s",
         "done: version 3, not promoted, policy is never",
     ]
 

@@ -21,8 +21,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ml import training
 from ml.model import build_classifier
 from ml.training import (
+    BatchReport,
     Dataset,
     DatasetError,
     EpochReport,
@@ -106,10 +108,22 @@ def tiny_dataset(data_root: Path) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_dataset: Dataset) -> tuple[TrainResult, list[EpochReport]]:
+def tiny_batch_reports() -> list[BatchReport]:
+    """The in-epoch reports of ``tiny_run`` (one per batch: the interval is set to 0)."""
+    return []
+
+
+@pytest.fixture(scope="module")
+def tiny_run(
+    tiny_dataset: Dataset, tiny_batch_reports: list[BatchReport]
+) -> tuple[TrainResult, list[EpochReport]]:
     """One tiny two-phase training run shared by several tests."""
     reports: list[EpochReport] = []
-    result = train(TINY, tiny_dataset, on_epoch=reports.append)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "BATCH_REPORT_SECONDS", 0.0)
+        result = train(
+            TINY, tiny_dataset, on_epoch=reports.append, on_batch=tiny_batch_reports.append
+        )
     return result, reports
 
 
@@ -332,6 +346,21 @@ def test_on_epoch_reports_every_epoch(tiny_run: tuple[TrainResult, list[EpochRep
     assert reports[1].metrics == {
         k: v for k, v in result.history[1].items() if k not in ("phase", "epoch")
     }
+
+
+def test_on_batch_reports_where_the_running_epoch_is(
+    tiny_run: tuple[TrainResult, list[EpochReport]], tiny_batch_reports: list[BatchReport]
+) -> None:
+    batches = 2 * SYNTHETIC_COUNTS["train"] // TINY.batch_size  # both classes, 4 per batch
+    assert [(r.phase, r.epoch, r.batch) for r in tiny_batch_reports] == [
+        (phase, phase, b) for phase in (1, 2) for b in range(1, batches + 1)
+    ]
+    assert {(r.batches, r.total_epochs) for r in tiny_batch_reports} == {(batches, 2)}
+    etas = [r.eta_seconds for r in tiny_batch_reports]
+    assert all(eta is not None and eta >= 0 for eta in etas)
+    assert etas[-1] == 0  # the last batch of the last epoch
+    elapsed = [r.elapsed_seconds for r in tiny_batch_reports]
+    assert elapsed == sorted(elapsed)
 
 
 def test_phase_two_unfroze_only_the_last_block(

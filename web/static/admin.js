@@ -257,8 +257,12 @@ function progressBlock(job) {
     box.append(el("span", "hint", job.status === "running" ? "Starting…" : "Waiting for a trainer…"));
     return box;
   }
+  // While an epoch runs, `epoch` is the running one and `batch`/`batches` say how far it is;
+  // after an epoch ends, `epoch` is the finished one.
   const total = Number(p.total_epochs) || 0;
-  const pct = total ? Math.min(100, Math.max(0, (100 * (Number(p.epoch) || 0)) / total)) : 0;
+  const running = Number(p.batches) ? (Number(p.batch) || 0) / Number(p.batches) : null;
+  const done = (Number(p.epoch) || 0) - (running === null ? 0 : 1 - running);
+  const pct = total ? Math.min(100, Math.max(0, (100 * done) / total)) : 0;
   const track = el("div", "bar-track");
   const fill = el("span", "bar-fill");
   fill.style.width = pct.toFixed(1) + "%";
@@ -267,7 +271,11 @@ function progressBlock(job) {
   track.setAttribute("aria-valuemin", "0");
   track.setAttribute("aria-valuemax", "100");
   track.setAttribute("aria-valuenow", pct.toFixed(0));
-  const parts = [p.phase || "", total ? `epoch ${p.epoch}/${total}` : ""];
+  const parts = [
+    p.phase ? `phase ${p.phase}` : "",
+    total ? `epoch ${p.epoch}/${total}` : "",
+    running === null ? "" : `batch ${p.batch}/${p.batches}`,
+  ];
   for (const [k, v] of Object.entries(p.metrics || {})) {
     if (typeof v === "number") parts.push(`${k} ${v.toFixed(3)}`);
   }
