@@ -243,7 +243,7 @@ def test_train_wait_follows_the_job(
             progress(1),
             progress(2),
             {"status": "done", "outcome": json.dumps(outcome)},
-        ]  # fmt: skip
+        ]
     )
 
     def trainer_step(seconds: float) -> None:
