@@ -9,6 +9,7 @@ build their own synthetic set. Models are tiny: 32 px input, random weights, 1 +
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -349,9 +350,11 @@ def test_on_epoch_reports_every_epoch(tiny_run: tuple[TrainResult, list[EpochRep
 
 
 def test_on_batch_reports_where_the_running_epoch_is(
-    tiny_run: tuple[TrainResult, list[EpochReport]], tiny_batch_reports: list[BatchReport]
+    tiny_run: tuple[TrainResult, list[EpochReport]],
+    tiny_batch_reports: list[BatchReport],
+    tiny_dataset: Dataset,
 ) -> None:
-    batches = 2 * SYNTHETIC_COUNTS["train"] // TINY.batch_size  # both classes, 4 per batch
+    batches = math.ceil(len(tiny_dataset.y_train) / TINY.batch_size)
     assert [(r.phase, r.epoch, r.batch) for r in tiny_batch_reports] == [
         (phase, phase, b) for phase in (1, 2) for b in range(1, batches + 1)
     ]
