@@ -44,9 +44,9 @@ if TYPE_CHECKING:
     import tensorflow as tf
 
 __all__ = [
+    "BatchReport",
     "Dataset",
     "DatasetError",
-    "BatchReport",
     "EpochReport",
     "TrainConfig",
     "TrainResult",
