@@ -155,6 +155,11 @@ def add_admin_commands(sub: Any) -> None:
     )
     train.add_argument("--seed", type=int, help="random seed (split, shuffling, initial weights)")
     train.add_argument(
+        "--target-sensitivity",
+        type=float,
+        help="label at the threshold reaching this sensitivity on the val split (default argmax)",
+    )
+    train.add_argument(
         "--no-augment",
         dest="augment",
         action="store_const",
@@ -483,7 +488,7 @@ def cmd_train(args: argparse.Namespace, api: AdminApi) -> int:
     names = (
         "dataset", "base", "input_size", "epochs_head", "epochs_finetune", "learning_rate_head",
         "learning_rate_finetune", "finetune_blocks", "batch_size", "promotion",
-        "max_images_per_class", "patience", "seed", "augment",
+        "max_images_per_class", "patience", "seed", "augment", "target_sensitivity",
     )  # fmt: skip
     body = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     doc = api.call("POST", "/training-jobs", body)

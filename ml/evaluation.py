@@ -19,16 +19,9 @@ import numpy.typing as npt
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ml.decision import NEGATIVE_CLASS, decide, negative_index
+
 __all__ = ["NEGATIVE_CLASS", "evaluate_predictions", "negative_index", "plot_curves", "roc_auc"]
-
-NEGATIVE_CLASS = "NORMAL"
-"""The class that means "no disease"; every other class counts as a finding."""
-
-
-def negative_index(class_names: Sequence[str], negative_class: str = NEGATIVE_CLASS) -> int:
-    """Return the index of ``negative_class`` in ``class_names``, or 0 when it is not there."""
-    names = list(class_names)
-    return names.index(negative_class) if negative_class in names else 0
 
 
 def roc_auc(positive: npt.ArrayLike, scores: npt.ArrayLike) -> float | None:
@@ -65,6 +58,7 @@ def evaluate_predictions(
     probs: npt.ArrayLike,
     class_names: Sequence[str],
     negative_class: str = NEGATIVE_CLASS,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Score class probabilities against true labels.
 
@@ -78,13 +72,14 @@ def evaluate_predictions(
         probs: ``(n, k)`` class probabilities (rows need not sum exactly to 1).
         class_names: The ``k`` class names, in the model's output order.
         negative_class: Name of the "no finding" class.
+        threshold: Label by :func:`ml.decision.decide` at this threshold instead of argmax.
 
     Returns:
         A JSON-native dict: ``n``, ``accuracy``, ``sensitivity``, ``specificity``, ``roc_auc``
         (``None`` where the needed class is absent from ``y_true``), ``confusion_matrix``
         (rows = true class, columns = predicted class), ``per_class`` ``{name: {precision,
         recall, f1, support}}`` (0.0 where a ratio is 0/0, scikit-learn's convention),
-        ``class_names`` and ``negative_class``.
+        ``class_names``, ``negative_class`` and ``threshold``.
     """
     names = [str(c) for c in class_names]
     labels = np.asarray(y_true).ravel()
@@ -104,7 +99,7 @@ def evaluate_predictions(
         raise ValueError(f"labels must lie in 0..{k - 1}, got {labels.min()}..{labels.max()}")
 
     neg = negative_index(names, negative_class)
-    predicted = p.argmax(axis=1)
+    predicted = decide(p, neg, threshold)
     confusion = np.zeros((k, k), dtype=np.int64)
     np.add.at(confusion, (labels, predicted), 1)
 
@@ -137,6 +132,7 @@ def evaluate_predictions(
         "per_class": per_class,
         "class_names": names,
         "negative_class": names[neg],
+        "threshold": threshold,
     }
 
 

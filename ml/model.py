@@ -11,6 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ml.decision import decide, negative_index
+
 # Caffe-style VGG16 normalisation (what keras.applications.vgg16.preprocess_input does): BGR order
 # minus the ImageNet channel means. Grayscale is copied to all three channels, so the RGB->BGR flip
 # is a no-op and only the per-channel means matter.
@@ -90,7 +92,13 @@ class Classifier:
     so the model is wrapped once in a ``tf.function`` whose batch dimension is left open.
     """
 
-    def __init__(self, model: keras.Model, class_names: Sequence[str], version: int | None = None):
+    def __init__(
+        self,
+        model: keras.Model,
+        class_names: Sequence[str],
+        version: int | None = None,
+        decision_threshold: float | None = None,
+    ):
         shape = model.input_shape
         if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 1:
             raise ValueError(f"model input must be (batch, size, size, 1), got {shape}")
@@ -102,6 +110,8 @@ class Classifier:
         self.class_names = list(class_names)
         self.input_size = int(shape[1])
         self.version = version
+        self.decision_threshold = decision_threshold
+        self._negative = negative_index(self.class_names)
         self._call = tf.function(
             lambda x: model(x, training=False),
             input_signature=[
@@ -115,9 +125,15 @@ class Classifier:
         return np.asarray(out, dtype=np.float64)
 
     def to_prediction(self, probabilities: np.ndarray) -> Prediction:
-        """Turn one row of probabilities into a :class:`Prediction` (JSON-native floats)."""
+        """Turn one row of probabilities into a :class:`Prediction` (JSON-native floats).
+
+        The label follows :func:`ml.decision.decide`: argmax, or the version's threshold.
+        """
         probs = {name: float(p) for name, p in zip(self.class_names, probabilities, strict=True)}
-        return Prediction(label=max(probs, key=probs.__getitem__), probabilities=probs)
+        (index,) = decide(
+            np.asarray(probabilities)[None, :], self._negative, self.decision_threshold
+        )
+        return Prediction(label=self.class_names[index], probabilities=probs)
 
     def warm_up(self) -> None:
         """Trace the compiled call once so the first real request does not pay for it."""

@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from ml.evaluation import NEGATIVE_CLASS, evaluate_predictions, negative_index, plot_curves
+from ml.decision import NEGATIVE_CLASS, negative_index, threshold_for_sensitivity
+from ml.evaluation import evaluate_predictions, plot_curves
 from ml.imaging import ImageError, decode_image, to_model_input
 
 if TYPE_CHECKING:
@@ -99,6 +100,8 @@ class TrainConfig:
     min_val_images: int = 50  # a smaller (or missing) val split -> stratified split off train
     max_images_per_class: int | None = None  # per split; for quick runs and tests
     base_weights: str | None = "imagenet"  # "imagenet", a weights-file path, or None
+    # Label at the threshold reaching this sensitivity on the val split instead of at argmax.
+    target_sensitivity: float | None = None
 
     def __post_init__(self) -> None:
         _check_int(self, "input_size", MIN_INPUT_SIZE, MAX_INPUT_SIZE)
@@ -116,6 +119,8 @@ class TrainConfig:
         _check_int(self, "min_val_images", 0, 10**9)
         if self.max_images_per_class is not None:
             _check_int(self, "max_images_per_class", 1, 10**9)
+        if self.target_sensitivity is not None:
+            _check_float(self, "target_sensitivity", 0.0, 1.0)
         if self.base_weights is not None and (
             not isinstance(self.base_weights, str) or not self.base_weights
         ):
@@ -434,7 +439,9 @@ class TrainResult:
     ``model`` is an uncompiled copy of the trained network (no optimizer state, so a saved
     version is the size of its weights and loads without this module). ``history`` has one row
     per epoch: ``{"phase", "epoch", "loss", "accuracy", "auc", "val_loss", "val_accuracy",
-    "val_auc"}``; ``evaluation`` is :func:`ml.evaluation.evaluate_predictions` on the test split.
+    "val_auc"}``; ``evaluation`` is :func:`ml.evaluation.evaluate_predictions` on the test split,
+    at ``decision_threshold`` (chosen on the val split for ``config.target_sensitivity``; None =
+    argmax).
     """
 
     model: keras.Model
@@ -444,6 +451,7 @@ class TrainResult:
     seconds: float
     dataset: Dataset
     config: TrainConfig
+    decision_threshold: float | None = None
 
 
 HISTORY_KEYS = ("loss", "accuracy", "auc", "val_loss", "val_accuracy", "val_auc")
@@ -800,8 +808,17 @@ def train(
             )
 
     final = _copy_model(model)
+    threshold = None
+    if config.target_sensitivity is not None:
+        val_probs = final.predict(dataset.x_val, batch_size=config.batch_size, verbose=0)
+        threshold = threshold_for_sensitivity(
+            dataset.y_val, val_probs, negative, config.target_sensitivity
+        )
+        log.info(
+            "decision threshold %s: val sensitivity >= %g", threshold, config.target_sensitivity
+        )
     evaluation = evaluate_model(
-        final, dataset.x_test, dataset.y_test, dataset.class_names, config.batch_size
+        final, dataset.x_test, dataset.y_test, dataset.class_names, config.batch_size, threshold
     )
     return TrainResult(
         model=final,
@@ -811,6 +828,7 @@ def train(
         seconds=time.monotonic() - started,
         dataset=dataset,
         config=config,
+        decision_threshold=threshold,
     )
 
 
@@ -820,10 +838,13 @@ def evaluate_model(
     y: npt.NDArray[np.integer[Any]],
     class_names: Sequence[str],
     batch_size: int = 32,
+    threshold: float | None = None,
 ) -> dict[str, Any]:
     """Run ``model`` on ``x`` and score it with :func:`ml.evaluation.evaluate_predictions`."""
     probs = model.predict(x, batch_size=batch_size, verbose=0)
-    return evaluate_predictions(y, np.asarray(probs, dtype=np.float64), class_names)
+    return evaluate_predictions(
+        y, np.asarray(probs, dtype=np.float64), class_names, threshold=threshold
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -859,6 +880,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-val-images", type=int, default=defaults.min_val_images)
     parser.add_argument("--max-images-per-class", type=int, default=None)
     parser.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=None,
+        help="label at the threshold that reaches this sensitivity on the val split "
+        "(default: argmax)",
+    )
+    parser.add_argument(
         "--base-weights",
         default=defaults.base_weights,
         help="'imagenet' (downloads), 'none' (random init), or a VGG16 notop weights file",
@@ -884,6 +912,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         min_val_images=args.min_val_images,
         max_images_per_class=args.max_images_per_class,
         base_weights=base,
+        target_sensitivity=args.target_sensitivity,
     )
 
 
@@ -959,6 +988,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "fingerprint": dataset.fingerprint,
             "skipped": dataset.skipped,
             "seconds": round(result.seconds, 1),
+            "decision_threshold": result.decision_threshold,
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         },
     )

@@ -58,6 +58,8 @@ class ModelMetadata:
     training_seconds: float | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     job_id: str | None = None
+    # On 1 - p(negative class); None = argmax. Chosen on the validation split (ml.decision).
+    decision_threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -148,6 +150,7 @@ def save_version(
     evaluation: dict[str, Any] | None = None,
     curves_png: bytes | None = None,
     job_id: str | None = None,
+    decision_threshold: float | None = None,
     extra: dict[str, Any] | None = None,
 ) -> ModelMetadata:
     """Publish ``model`` as the next version number under ``model_dir`` and return its metadata."""
@@ -182,6 +185,7 @@ def save_version(
                 training_seconds=training_seconds,
                 metrics=summary,
                 job_id=job_id,
+                decision_threshold=decision_threshold,
                 extra=dict(extra or {}),
             )
             (staging / METADATA_FILE).write_text(json.dumps(metadata.to_dict(), indent=2) + "\n")
@@ -247,7 +251,12 @@ def load_classifier(model_dir: PathLike, version: int) -> Classifier:
 
     metadata = read_metadata(model_dir, version)
     model = keras.saving.load_model(version_dir(model_dir, version) / MODEL_FILE, compile=False)
-    return Classifier(model, metadata.class_names, version=metadata.version)
+    return Classifier(
+        model,
+        metadata.class_names,
+        version=metadata.version,
+        decision_threshold=metadata.decision_threshold,
+    )
 
 
 def load_model(model_dir: PathLike, version: int) -> keras.Model:

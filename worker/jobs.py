@@ -50,6 +50,13 @@ class TrainingRequest(BaseModel):
     patience: int = Field(default=3, ge=1, le=100)
     seed: int = 1337
     max_images_per_class: int | None = Field(default=None, ge=1)
+    target_sensitivity: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Label at the threshold that reaches this sensitivity on the validation "
+        "split (e.g. 0.95) instead of at the highest probability.",
+    )
     promotion: Literal["if_better", "always", "never"] | None = Field(
         default=None, description="Promotion policy; default CXR_PROMOTION_POLICY."
     )

@@ -189,6 +189,7 @@ class WorkerRuntime:
             "label": prediction.label,
             "probabilities": prediction.probabilities,
             "model_version": classifier.version,
+            "decision_threshold": classifier.decision_threshold,
             "batch_size": batch.batch_size,
             "timings_ms": {
                 "queue": round(queued_ms, 2) if queued_ms is not None else None,

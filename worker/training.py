@@ -183,6 +183,7 @@ class TrainingRunner:
             evaluation=result.evaluation,
             curves_png=result.curves_png,
             job_id=job_id,
+            decision_threshold=result.decision_threshold,
         )
         promotion = self._apply_policy(
             job_id, request.promotion or "if_better", metadata.version, result.evaluation, config,
@@ -245,7 +246,10 @@ class TrainingRunner:
         if data.class_names != meta.class_names:
             return None
         model = load_model(self.settings.model_dir, active)
-        return evaluate_model(model, data.x_test, data.y_test, data.class_names)
+        # Each version as it is served: at its own decision threshold.
+        return evaluate_model(
+            model, data.x_test, data.y_test, data.class_names, threshold=meta.decision_threshold
+        )
 
     def _cancel_check(self, job_id: str) -> Any:
         key = self.keys.training_job(job_id)

@@ -159,6 +159,18 @@ def test_to_prediction_is_json_native(classifier2: Classifier) -> None:
     assert json.loads(json.dumps(asdict(prediction))) == asdict(prediction)
 
 
+def test_to_prediction_at_a_decision_threshold(model2: keras.Model, model3: keras.Model) -> None:
+    """With a threshold on 1 - p(NORMAL), a finding is called below p = 0.5."""
+    screening = Classifier(model2, TWO, decision_threshold=0.3)
+    assert screening.to_prediction(np.array([0.65, 0.35])).label == "PNEUMONIA"
+    assert screening.to_prediction(np.array([0.75, 0.25])).label == "NORMAL"
+    assert Classifier(model2, TWO).to_prediction(np.array([0.65, 0.35])).label == "NORMAL"
+    # Three classes: a called finding is the most probable disease, even if NORMAL is higher.
+    three = Classifier(model3, THREE, decision_threshold=0.4)
+    assert three.to_prediction(np.array([0.55, 0.30, 0.15])).label == "PNEUMONIA"
+    assert three.to_prediction(np.array([0.65, 0.15, 0.20])).label == "NORMAL"
+
+
 def test_to_prediction_label_is_argmax(model3: keras.Model) -> None:
     classifier = Classifier(model3, THREE)
     probs = classifier.predict_batch(gray_batch(6, seed=2))

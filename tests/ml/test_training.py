@@ -463,7 +463,7 @@ def test_main_writes_the_run_folder(data_root: Path, tmp_path: Path) -> None:
         "--dataset", str(data_root), "--out", str(out), "--input-size", "32",
         "--epochs-head", "1", "--finetune-blocks", "0",
         "--max-images-per-class", "4", "--batch-size", "8", "--base-weights", "none",
-        "--no-augment",
+        "--no-augment", "--target-sensitivity", "1.0",
     ]  # fmt: skip
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == [
@@ -475,7 +475,12 @@ def test_main_writes_the_run_folder(data_root: Path, tmp_path: Path) -> None:
     ]
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["augment"] is False and run["config"]["base_weights"] is None
-    assert json.loads((out / "evaluation.json").read_text())["class_names"] == list(TWO)
+    assert run["config"]["target_sensitivity"] == 1.0
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["class_names"] == list(TWO)
+    # Chosen on the val split, then used to label the test split.
+    assert isinstance(run["decision_threshold"], float)
+    assert evaluation["threshold"] == run["decision_threshold"]
     assert [row["phase"] for row in json.loads((out / "history.json").read_text())] == [1]
     model = keras.saving.load_model(out / "model.keras")  # uncompiled: no custom objects needed
     assert model.input_shape == (None, 32, 32, 1)

@@ -45,6 +45,7 @@ def two_versions(
         class_names=CLASSES,
         base_weights="/weights/vgg16_notop.h5",
         parent_version=first.version,
+        decision_threshold=0.3,
         extra={"epochs": 3, "val_accuracy": 0.9},
     )
     return model_dir, first, second
@@ -97,6 +98,7 @@ def test_metadata_json_content(two_versions: tuple[Path, ModelMetadata, ModelMet
         "training_seconds",
         "metrics",
         "job_id",
+        "decision_threshold",
         "extra",
     }
     assert doc == second.to_dict()
@@ -127,6 +129,8 @@ def test_load_classifier_predicts_like_the_original(
     loaded = load_classifier(model_dir, 2)
     assert isinstance(loaded, Classifier)
     assert loaded.version == 2
+    assert loaded.decision_threshold == 0.3
+    assert load_classifier(model_dir, 1).decision_threshold is None
     assert loaded.class_names == CLASSES
     assert loaded.input_size == TINY_SIZE
     x = np.random.default_rng(0).uniform(0, 255, (3, TINY_SIZE, TINY_SIZE, 1)).astype(np.float32)

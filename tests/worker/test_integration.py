@@ -52,6 +52,7 @@ def assert_well_formed(result: dict[str, Any], version: int = 1) -> None:
     assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
     assert result["label"] == max(result["probabilities"], key=result["probabilities"].get)
     assert result["model_version"] == version
+    assert result["decision_threshold"] is None  # versions without one label by argmax
     assert {"queue", "decode", "batch_wait", "model", "worker_total"} <= set(result["timings_ms"])
 
 

@@ -120,12 +120,16 @@ def test_jobs_publish_versions_and_apply_the_promotion_policy(
     assert (settings.model_dir / str(version) / "curves.png").read_bytes()[:4] == b"\x89PNG"
     assert active.audit(1)[0]["actor"] == f"training job {job}"
 
-    # "never": a new candidate, the active version untouched.
-    job2 = jobs.submit(TrainingRequest(dataset=data[1], promotion="never", **QUICK), "test")
+    # "never": a new candidate, the active version untouched; this one labels at a threshold.
+    request2 = TrainingRequest(dataset=data[1], promotion="never", target_sensitivity=1.0, **QUICK)
+    job2 = jobs.submit(request2, "test")
     doc2 = wait_final(jobs, job2)
     assert doc2["status"] == "done"
     assert doc2["outcome"]["promotion"]["promoted"] is False
     assert active.get() == version
+    threshold = read_metadata(settings.model_dir, doc2["outcome"]["version"]).decision_threshold
+    assert isinstance(threshold, float)
+    assert read_evaluation(settings.model_dir, doc2["outcome"]["version"])["threshold"] == threshold
 
     # "if_better": scored against the active version on the same test split.
     job3 = jobs.submit(TrainingRequest(dataset=data[1], promotion="if_better", **QUICK), "test")
