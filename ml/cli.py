@@ -1,9 +1,9 @@
 """``cxr``: create, list and run model versions locally, and administer the running service.
 
 ``cxr predict chest.jpeg`` does what the original notebook did: give it an X-ray, get the answer.
-``init-model``, ``import``, ``predict`` and ``versions`` work on the local model folder; the admin
-commands (``train``, ``jobs``, ``promote``, ...) call the service's admin API over HTTP with
-``$CXR_ADMIN_TOKEN``.
+``init-model``, ``import``, ``calibrate``, ``predict`` and ``versions`` work on the local model
+folder; the admin commands (``train``, ``jobs``, ``promote``, ...) call the service's admin API
+over HTTP with ``$CXR_ADMIN_TOKEN``.
 """
 
 from __future__ import annotations
@@ -72,6 +72,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--classes", required=True, help="comma-separated class names, in output order"
     )
     imp.add_argument("--note", help="free text kept in the version's metadata")
+
+    calibrate = sub.add_parser(
+        "calibrate",
+        help="publish a version again, labelling at a threshold for a stated sensitivity",
+        description="Choose the highest threshold on 1 - p(NORMAL) that reaches "
+        "--target-sensitivity on the dataset's val split, evaluate the test split at it, and "
+        "publish the same weights with that threshold as the next version (a candidate: "
+        "promote it to serve it). Without a threshold a version labels by the highest "
+        "probability.",
+    )
+    calibrate.add_argument("version", type=int, help="the version to calibrate")
+    calibrate.add_argument(
+        "--dataset", type=Path, required=True, help="a folder <root>/{train,val,test}/<CLASS>/"
+    )
+    calibrate.add_argument(
+        "--target-sensitivity", type=float, default=0.95, help="on the val split (default 0.95)"
+    )
 
     predict = sub.add_parser("predict", help="classify local image files with a model version")
     predict.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
@@ -265,6 +282,28 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Publish a version's weights again with a decision threshold."""
+    from ml.training import DatasetError, calibrate_version
+    from ml.versions import VersionNotFoundError
+
+    try:
+        meta = calibrate_version(
+            args.model_dir, args.version, args.dataset, args.target_sensitivity
+        )
+    except (DatasetError, VersionNotFoundError, ValueError) as exc:
+        print(f"cannot calibrate version {args.version}: {exc}", file=sys.stderr)
+        return 2
+    m = meta.metrics
+    print(
+        f"wrote version {meta.version}: version {args.version} labelling at threshold "
+        f"{meta.decision_threshold:.4f} on 1 - p(NORMAL); test split: accuracy "
+        f"{m['accuracy']:.3f}, sensitivity {m['sensitivity']:.3f}, specificity "
+        f"{m['specificity']:.3f} (a candidate: `cxr promote {meta.version}` to serve it)"
+    )
+    return 0
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Classify each image and print its label and probabilities."""
     from ml.imaging import ImageError, load_image_file, to_model_input
@@ -289,12 +328,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
             failures += 1
             continue
         prediction = classifier.to_prediction(classifier.predict_batch(x[None])[0])
+        threshold = classifier.decision_threshold
         if args.json or args.json_output:
             doc = {"image": str(path), "label": prediction.label, "model_version": version}
+            doc["decision_threshold"] = threshold
             print(json.dumps({**doc, "probabilities": prediction.probabilities}))
         else:
             probs = "  ".join(f"{k}={v:.3f}" for k, v in prediction.probabilities.items())
-            print(f"{path}: {prediction.label}  ({probs})  [model v{version}]")
+            rule = "" if threshold is None else f", threshold {threshold:.3f}"
+            print(f"{path}: {prediction.label}  ({probs})  [model v{version}{rule}]")
     return 1 if failures else 0
 
 
@@ -726,6 +768,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "init-model": cmd_init_model,
         "import": cmd_import,
+        "calibrate": cmd_calibrate,
         "predict": cmd_predict,
         "versions": cmd_versions,
     }

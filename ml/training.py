@@ -44,6 +44,8 @@ if TYPE_CHECKING:
     import keras
     import tensorflow as tf
 
+    from ml.versions import ModelMetadata
+
 __all__ = [
     "BatchReport",
     "Dataset",
@@ -53,6 +55,7 @@ __all__ = [
     "TrainResult",
     "TrainingCancelled",
     "balanced_class_weights",
+    "calibrate_version",
     "evaluate_model",
     "load_dataset",
     "main",
@@ -844,6 +847,67 @@ def evaluate_model(
     probs = model.predict(x, batch_size=batch_size, verbose=0)
     return evaluate_predictions(
         y, np.asarray(probs, dtype=np.float64), class_names, threshold=threshold
+    )
+
+
+def calibrate_version(
+    model_dir: os.PathLike[str] | str,
+    version: int,
+    dataset_root: os.PathLike[str] | str,
+    target_sensitivity: float,
+) -> ModelMetadata:
+    """Publish ``version``'s weights again with a decision threshold for ``target_sensitivity``.
+
+    The threshold is chosen on the dataset's val split (split off train the way the version's
+    own training did, when its hyperparameters say how) and the test split is evaluated at it.
+    The new version names ``version`` as its parent and is a candidate: promote it to serve it.
+
+    Raises:
+        DatasetError: the dataset cannot be used, or its classes differ from the version's.
+        ValueError: the val split has no image of a finding to calibrate on.
+    """
+    from ml.versions import curves_path, load_model, read_metadata, save_version
+
+    meta = read_metadata(model_dir, version)
+    defaults = TrainConfig()
+    hp = meta.hyperparameters
+    config = TrainConfig(
+        input_size=meta.input_size,
+        base_weights=None,
+        seed=int(hp.get("seed", defaults.seed)),
+        val_fraction=float(hp.get("val_fraction", defaults.val_fraction)),
+        min_val_images=int(hp.get("min_val_images", defaults.min_val_images)),
+        target_sensitivity=target_sensitivity,
+    )
+    dataset = load_dataset(dataset_root, config)
+    if dataset.class_names != meta.class_names:
+        raise DatasetError(
+            f"the dataset's classes {dataset.class_names} are not version {version}'s "
+            f"{meta.class_names}"
+        )
+    model = load_model(model_dir, version)
+    negative = negative_index(dataset.class_names)
+    val_probs = model.predict(dataset.x_val, batch_size=config.batch_size, verbose=0)
+    threshold = threshold_for_sensitivity(dataset.y_val, val_probs, negative, target_sensitivity)
+    if threshold is None:
+        raise ValueError("the val split has no image of a finding: nothing to calibrate on")
+    evaluation = evaluate_model(
+        model, dataset.x_test, dataset.y_test, dataset.class_names, config.batch_size, threshold
+    )
+    curves = curves_path(model_dir, version)
+    return save_version(
+        model,
+        model_dir,
+        class_names=meta.class_names,
+        base_weights=f"version {version}",
+        parent_version=version,
+        hyperparameters={**hp, "target_sensitivity": target_sensitivity},
+        dataset=dataset.fingerprint,
+        training_seconds=meta.training_seconds,
+        evaluation=evaluation,
+        curves_png=curves.read_bytes() if curves is not None else None,
+        decision_threshold=threshold,
+        extra={"calibrated_from": version},
     )
 
 

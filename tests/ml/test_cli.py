@@ -14,6 +14,7 @@ from PIL import Image
 from ml.cli import main
 from ml.versions import latest_version, list_versions, read_metadata
 from tests.conftest import CLASSES, TINY_SIZE
+from tests.ml.test_training import make_dataset
 
 THREE = ["NORMAL", "PNEUMONIA", "COVID19"]
 
@@ -125,7 +126,10 @@ def test_predict_json(
     docs = [json.loads(line) for line in captured.out.strip().splitlines()]
     assert [d["image"] for d in docs] == [str(images["png"]), str(images["jpeg"])]
     for doc in docs:
-        assert set(doc) == {"image", "label", "probabilities", "model_version"}
+        assert set(doc) == {
+            "image", "label", "probabilities", "model_version", "decision_threshold"
+        }  # fmt: skip
+        assert doc["decision_threshold"] is None  # labels by argmax
         assert doc["model_version"] == 1
         assert list(doc["probabilities"]) == CLASSES
         assert doc["label"] == max(doc["probabilities"], key=doc["probabilities"].__getitem__)
@@ -199,3 +203,32 @@ def test_command_is_required(capsys: pytest.CaptureFixture[str]) -> None:
         main([])
     assert exc.value.code == 2
     assert "required" in capsys.readouterr().err
+
+
+def test_calibrate_publishes_the_weights_again_with_a_threshold(
+    cli_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The same weights as a new candidate version that labels at a val-chosen threshold."""
+    model_dir = tmp_path / "models"
+    shutil.copytree(cli_model_dir, model_dir)
+    data = make_dataset(tmp_path / "data", counts={"train": 6, "val": 30, "test": 6})
+    argv = ["--model-dir", str(model_dir), "calibrate", "1", "--dataset", str(data)]
+    code = main([*argv, "--target-sensitivity", "0.9"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "wrote version 2" in captured.out and "cxr promote 2" in captured.out
+    meta = read_metadata(model_dir, 2)
+    assert meta.parent_version == 1 and meta.extra == {"calibrated_from": 1}
+    assert isinstance(meta.decision_threshold, float)
+    assert meta.hyperparameters["target_sensitivity"] == 0.9
+    assert set(meta.metrics) == {"accuracy", "sensitivity", "specificity", "roc_auc"}
+    assert (model_dir / "2" / "evaluation.json").is_file()
+
+    image = data / "test" / "NORMAL" / "normal-000.jpg"
+    assert main(["--model-dir", str(model_dir), "predict", "--version", "2", str(image)]) == 0
+    assert f"threshold {meta.decision_threshold:.3f}]" in capsys.readouterr().out
+
+    wrong = make_dataset(tmp_path / "three", classes=THREE)
+    assert main([*argv[:4], "--dataset", str(wrong)]) == 2
+    assert "classes" in capsys.readouterr().err
+    assert main(["--model-dir", str(model_dir), "calibrate", "9", "--dataset", str(data)]) == 2
