@@ -148,3 +148,19 @@ def test_admin_page_signs_in_promotes_and_records_it(
     audit = page.locator("#audit tbody tr").first
     for text in ("dr-browser", "promote", "2", "better AUC"):
         expect(audit).to_contain_text(text)
+
+    # A fine-tuning job from the form, with an operating point.
+    page.fill("#train-form input[name=dataset]", "cxr-pneumonia-256")
+    page.fill("#train-form input[name=target_sensitivity]", "0.95")
+    page.click("#train-form button[type=submit]")
+    expect(page.locator("#flash")).to_contain_text("Queued fine-tuning job")
+    expect(page.locator("#jobs .job")).to_have_count(2)
+    listed = requests.get(
+        f"{admin_url}/api/v1/admin/training-jobs",
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=10,
+    ).json()["jobs"]
+    newest = max(listed, key=lambda job: job["created_at"])
+    assert newest["params"]["target_sensitivity"] == 0.95
+    assert newest["params"]["dataset"] == "cxr-pneumonia-256"
+    assert newest["actor"] == "admin:dr-browser"
