@@ -244,6 +244,7 @@ def version_summary(version: int, active: int | None) -> dict[str, Any] | None:
         "metrics": {k: meta.metrics[k] for k in _SUMMARY_METRICS if k in meta.metrics},
         "training_seconds": meta.training_seconds,
         "job_id": meta.job_id,
+        "decision_threshold": meta.decision_threshold,
         "active": version == active,
         "has_curves": curves_path(model_dir, version) is not None,
     }

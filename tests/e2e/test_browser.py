@@ -136,6 +136,7 @@ def test_admin_page_signs_in_promotes_and_records_it(
     expect(rows).to_have_count(2)
     v2 = rows.filter(has_text="v2")
     expect(v2).to_contain_text("0.960")  # its ROC AUC
+    expect(v2).to_contain_text("argmax")  # no decision threshold
     expect(v2.locator("img")).to_be_visible()  # the curves, fetched with the token
     job = page.locator("#jobs .job")
     expect(job).to_contain_text("phase 2 · epoch 4/10 · batch 17/34 · val_auc 0.930")
@@ -164,3 +165,23 @@ def test_admin_page_signs_in_promotes_and_records_it(
     assert newest["params"]["target_sensitivity"] == 0.95
     assert newest["params"]["dataset"] == "cxr-pneumonia-256"
     assert newest["actor"] == "admin:dr-browser"
+
+
+def test_results_page_names_the_decision_threshold(page: Page, web_url: str) -> None:
+    """A version with a threshold: the card says why a 45% finding is the label."""
+    job_id = uuid.uuid4().hex
+    doc = {
+        "id": job_id, "status": "done", "filename": "chest.jpeg", "elapsed_ms": 120.0,
+        "result": {
+            "label": "PNEUMONIA", "probabilities": {"NORMAL": 0.55, "PNEUMONIA": 0.45},
+            "model_version": 3, "decision_threshold": 0.0908, "batch_size": 1,
+            "timings_ms": {"queue": 1.0, "decode": 1.0, "batch_wait": 0.0, "model": 80.0,
+                           "worker_total": 82.0},
+        },
+    }  # fmt: skip
+    page.route(f"**/api/v1/predictions/{job_id}", lambda route: route.fulfill(json=doc))
+    page.goto(f"{web_url}/results?id={job_id}")
+    meta = page.locator(".card .meta")
+    expect(meta).to_contain_text("Model version 3")
+    expect(meta).to_contain_text("a finding when 1 − p(NORMAL) ≥ 0.091")
+    expect(page.locator(".card .status")).to_have_text("PNEUMONIA")

@@ -376,6 +376,7 @@ SUMMARY_FIELDS = {
     "metrics",
     "training_seconds",
     "job_id",
+    "decision_threshold",
     "active",
     "has_curves",
 }

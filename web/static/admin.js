@@ -191,6 +191,7 @@ async function refreshModels() {
       el("td", "", fmtTime(v.created_at)),
       el("td", "", baseLabel(v)),
       el("td", "num", `${v.input_size} px`),
+      el("td", "", v.decision_threshold == null ? "argmax" : `threshold ${fmtNumber(v.decision_threshold)}`),
       el("td", "num", fmtNumber(m.accuracy)),
       el("td", "num", fmtNumber(m.sensitivity)),
       el("td", "num", fmtNumber(m.specificity)),
@@ -212,7 +213,7 @@ async function refreshModels() {
   if (!rows.length) {
     const tr = el("tr");
     const td = el("td", "hint", "No model versions yet: run `cxr init-model` or start a job below.");
-    td.colSpan = 10;
+    td.colSpan = 11;
     tr.append(td);
     rows.push(tr);
   }

@@ -30,7 +30,9 @@ function showResult(card, doc) {
   const seconds = doc.elapsed_ms !== undefined ? (doc.elapsed_ms / 1000).toFixed(2) + " s" : "?";
   card.querySelector(".meta").textContent =
     "Model version " + result.model_version + " · " + seconds + " from upload to result" +
-    " (model " + result.timings_ms.model.toFixed(0) + " ms)";
+    " (model " + result.timings_ms.model.toFixed(0) + " ms)" +
+    (result.decision_threshold == null ? "" :
+      " · screening threshold: a finding when 1 − p(NORMAL) ≥ " + result.decision_threshold.toFixed(3));
 }
 
 function showError(card, message) {
