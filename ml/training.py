@@ -813,13 +813,7 @@ def train(
     final = _copy_model(model)
     threshold = None
     if config.target_sensitivity is not None:
-        val_probs = final.predict(dataset.x_val, batch_size=config.batch_size, verbose=0)
-        threshold = threshold_for_sensitivity(
-            dataset.y_val, val_probs, negative, config.target_sensitivity
-        )
-        log.info(
-            "decision threshold %s: val sensitivity >= %g", threshold, config.target_sensitivity
-        )
+        threshold = choose_threshold(final, dataset, config.target_sensitivity, config.batch_size)
     evaluation = evaluate_model(
         final, dataset.x_test, dataset.y_test, dataset.class_names, config.batch_size, threshold
     )
@@ -848,6 +842,17 @@ def evaluate_model(
     return evaluate_predictions(
         y, np.asarray(probs, dtype=np.float64), class_names, threshold=threshold
     )
+
+
+def choose_threshold(
+    model: keras.Model, dataset: Dataset, target_sensitivity: float, batch_size: int = 32
+) -> float | None:
+    """The decision threshold reaching ``target_sensitivity`` on ``dataset``'s val split."""
+    probs = model.predict(dataset.x_val, batch_size=batch_size, verbose=0)
+    negative = negative_index(dataset.class_names)
+    threshold = threshold_for_sensitivity(dataset.y_val, probs, negative, target_sensitivity)
+    log.info("decision threshold %s: val sensitivity >= %g", threshold, target_sensitivity)
+    return threshold
 
 
 def calibrate_version(
@@ -886,9 +891,7 @@ def calibrate_version(
             f"{meta.class_names}"
         )
     model = load_model(model_dir, version)
-    negative = negative_index(dataset.class_names)
-    val_probs = model.predict(dataset.x_val, batch_size=config.batch_size, verbose=0)
-    threshold = threshold_for_sensitivity(dataset.y_val, val_probs, negative, target_sensitivity)
+    threshold = choose_threshold(model, dataset, target_sensitivity, config.batch_size)
     if threshold is None:
         raise ValueError("the val split has no image of a finding: nothing to calibrate on")
     evaluation = evaluate_model(
