@@ -19,6 +19,9 @@ from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
 
+# Generous waits: CI shares two cores with workers and gunicorn (expect() returns as soon as met).
+expect.set_options(timeout=20_000)
+
 CHROMIUM = "/usr/bin/chromium"
 # No download of Playwright's own browser: Debian's, with everything that would phone home off.
 CHROMIUM_ARGS = [
