@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from ml.decision import NEGATIVE_CLASS, decide, negative_index
 
-__all__ = ["NEGATIVE_CLASS", "evaluate_predictions", "negative_index", "plot_curves", "roc_auc"]
+__all__ = ["evaluate_predictions", "plot_curves", "roc_auc"]
 
 
 def roc_auc(positive: npt.ArrayLike, scores: npt.ArrayLike) -> float | None:

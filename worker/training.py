@@ -2,9 +2,9 @@
 
 dataset → :func:`ml.training.train` → a new registry version → the promotion policy. Progress is
 written to the job's Redis hash after every epoch and every few seconds during one; cancellation
-is checked at every batch. A
-cancelled or failed job publishes nothing and leaves the active version alone; a redelivered job
-whose version was already published is marked done, never trained twice.
+is checked at every batch. A cancelled or failed job publishes nothing and leaves the active
+version alone; a redelivered job whose version was already published is marked done, never
+trained twice.
 """
 
 from __future__ import annotations

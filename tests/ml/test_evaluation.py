@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ml.evaluation import evaluate_predictions, negative_index, plot_curves, roc_auc
+from ml.decision import negative_index
+from ml.evaluation import evaluate_predictions, plot_curves, roc_auc
 
 TWO = ["NORMAL", "PNEUMONIA"]
 THREE = ["COVID19", "NORMAL", "PNEUMONIA"]
