@@ -8,6 +8,7 @@ from typing import Any
 import redis
 from flask import Flask, current_app
 
+from web.uploads import FORM_MAX_PARTS, FORM_MEMORY_BYTES, UploadRequest
 from worker.app import create_celery
 from worker.client import Keys, PredictionClient
 from worker.jobs import TrainingJobs
@@ -23,12 +24,14 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
             :class:`worker.settings.Settings` to use instead of the environment.
     """
     app = Flask(__name__)
+    # File parts are bounded by MAX_CONTENT_LENGTH alone; text fields by the form limits.
+    app.request_class = UploadRequest
     config = dict(config or {})
     settings: Settings = config.pop("CXR_SETTINGS", None) or get_settings()
     app.config.update(
         MAX_CONTENT_LENGTH=int(settings.max_upload_mb * 1024 * 1024),
-        # The upload form posts files only; keep Werkzeug's form parsing small.
-        MAX_FORM_MEMORY_SIZE=64 * 1024,
+        MAX_FORM_MEMORY_SIZE=FORM_MEMORY_BYTES,
+        MAX_FORM_PARTS=FORM_MAX_PARTS,
     )
     app.config.update(config)
     register_extensions(app, settings)

@@ -10,6 +10,7 @@ from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from web import metrics, prediction_client
+from web.uploads import too_large_message
 from worker.client import (
     CorruptImageError,
     EmptyImageError,
@@ -105,7 +106,7 @@ def register_error_handlers(app: Flask) -> None:
     def too_large(exc: RequestEntityTooLarge) -> tuple[Response | str, int]:
         metrics.rejected("too_large")
         limit = prediction_client().settings.max_upload_mb
-        message = f"the upload exceeds the {limit:g} MiB limit"
+        message = too_large_message(exc, request.content_length, limit)
         if request.path.startswith("/api/"):
             return error_response(413, "too_large", message)
         page = render_template("index.html", notice=None, errors=[("", message)], accepted=[])

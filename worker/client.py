@@ -22,7 +22,8 @@ from ml.imaging import (
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
-    decode_image,
+    decode_upload,
+    encode_png,
 )
 from worker.app import TASK_PREDICT
 from worker.settings import Settings
@@ -166,19 +167,19 @@ class PredictionClient:
         self.celery = celery
         self.keys = Keys(settings.key_prefix)
 
-    def validate(self, data: bytes) -> tuple[int, int]:
-        """Decode ``data`` as the worker will and return ``(width, height)``; raise ImageError."""
-        gray = decode_image(data, max_pixels=self.settings.max_image_pixels)
-        return int(gray.shape[1]), int(gray.shape[0])
-
     def submit(self, data: bytes, filename: str | None = None) -> str:
-        """Validate an upload, store it and queue its prediction; return the job id.
+        """Validate an upload, store its normalised image and queue its prediction; return the id.
+
+        What is stored is not the file but its decoded grayscale pixels, scaled down to at most
+        ``ml.imaging.INTAKE_MAX_SIDE`` and written as a PNG without metadata: Redis memory per
+        queued upload and the worker's decode do not grow with the file, and no metadata of the
+        original travels on.
 
         Raises:
             ImageError: the upload is not a usable PNG or JPEG (nothing is queued).
             NoModelError: workers report that they have no model to serve.
         """
-        width, height = self.validate(data)
+        image = decode_upload(data, max_pixels=self.settings.max_image_pixels)
         workers = self.workers()
         # With no worker at all the job waits in the queue; only refuse when the workers that are
         # there say they have nothing to serve.
@@ -188,7 +189,7 @@ class PredictionClient:
         ttl = self.settings.result_ttl_seconds
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.keys.upload(job_id), data, ex=ttl)
+        pipe.set(self.keys.upload(job_id), encode_png(image.pixels), ex=ttl)
         pipe.hset(
             self.keys.job(job_id),
             mapping={
@@ -196,8 +197,8 @@ class PredictionClient:
                 "created_at": now,
                 "filename": (filename or "")[:200],
                 "bytes": len(data),
-                "width": width,
-                "height": height,
+                "width": image.width,
+                "height": image.height,
             },
         )
         pipe.expire(self.keys.job(job_id), ttl)

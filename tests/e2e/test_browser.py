@@ -14,6 +14,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from tests.conftest import CLASSES, make_settings
 from tests.e2e.conftest import DATA_DIR, gunicorn, real_xrays
+from tests.realsize import jpeg_xray, png16_xray
 from worker.client import Keys
 from worker.settings import Settings
 
@@ -73,6 +74,25 @@ def test_upload_form_shows_a_result_card_per_xray(
         expect(card.locator(".bar-row")).to_have_count(len(CLASSES))
         expect(card.locator(".meta")).to_contain_text("Model version 1")
         expect(card.locator(".meta")).to_contain_text("from upload to result")
+    page.screenshot(path=str(tmp_path / f"{request.node.name}.png"), full_page=True)
+
+
+def test_real_size_xrays_chosen_in_the_browser_are_classified(
+    page: Page, web_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A 2500 px JPEG (1.4 MB) and a 2500 px 16-bit PNG (7 MB) through the form (issue 7)."""
+    paths = [tmp_path / "full-size.jpg", tmp_path / "full-size-16bit.png"]
+    paths[0].write_bytes(jpeg_xray(2500, 2048))
+    paths[1].write_bytes(png16_xray(2500, 2048))
+    page.goto(f"{web_url}/")
+    page.set_input_files("input[type=file]", [str(p) for p in paths])
+    page.click("button[type=submit]")
+    page.wait_for_url("**/results?**")
+    cards = page.locator("section.card")
+    expect(cards).to_have_count(2)
+    for i, path in enumerate(paths):
+        expect(cards.nth(i).locator(".status.done")).to_be_visible(timeout=60_000)
+        expect(cards.nth(i).locator(".filename")).to_have_text(path.name)
     page.screenshot(path=str(tmp_path / f"{request.node.name}.png"), full_page=True)
 
 

@@ -19,12 +19,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
+from ml.imaging import decode_image
 from tests.web.conftest import (
     bmp,
     bomb_png,
@@ -118,9 +120,12 @@ def test_valid_upload_is_queued(
     assert args == [job_id]
     assert kwargs == {}
 
-    # The bytes sit in their own key; both keys expire.
+    # The decoded pixels sit in their own key, as a PNG that decodes to exactly what the upload
+    # decodes to (issue 7: the web stores the normalised image, not the file); both keys expire.
     keys = Keys(settings.key_prefix)
-    assert redis_client.get(keys.upload(job_id)) == data
+    stored = redis_client.get(keys.upload(job_id))
+    assert stored is not None and stored.startswith(b"\x89PNG")
+    assert np.array_equal(decode_image(stored), decode_image(data))
     ttl = settings.result_ttl_seconds
     assert 0 < redis_client.ttl(keys.upload(job_id)) <= ttl
     assert 0 < redis_client.ttl(keys.job(job_id)) <= ttl
