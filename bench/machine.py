@@ -23,7 +23,8 @@ NOTABLE_FLAGS = (
 
 def cpu_model_and_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, list[str]]:
     """Return the CPU's model name and its flags (empty where /proc/cpuinfo is not there)."""
-    model, flags = platform.processor() or "unknown", []
+    model = platform.processor() or "unknown"
+    flags: list[str] = []
     try:
         text = cpuinfo.read_text()
     except OSError:

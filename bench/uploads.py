@@ -95,7 +95,7 @@ def measure(
     web_cpu = median_ms(post, repeat, time.process_time)
     job_id = ids[-1]
     stored = r.get(keys.upload(job_id))
-    assert stored is not None
+    assert isinstance(stored, bytes)
     redis_bytes = int(r.memory_usage(keys.upload(job_id)) or 0)
     redis_bytes += int(r.memory_usage(keys.job(job_id)) or 0)
     decode_now = median_ms(lambda: decode_image(stored), repeat, time.perf_counter)
