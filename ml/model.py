@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from ml.decision import decide, negative_index
+from ml.precision import model_precision
 
 # Caffe-style VGG16 normalisation (what keras.applications.vgg16.preprocess_input does): BGR order
 # minus the ImageNet channel means. Grayscale is copied to all three channels, so the RGB->BGR flip
@@ -111,6 +112,7 @@ class Classifier:
         self.input_size = int(shape[1])
         self.version = version
         self.decision_threshold = decision_threshold
+        self.precision = model_precision(model)
         self._negative = negative_index(self.class_names)
         self._call = tf.function(
             lambda x: model(x, training=False),

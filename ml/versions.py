@@ -153,12 +153,18 @@ def save_version(
     decision_threshold: float | None = None,
     extra: dict[str, Any] | None = None,
 ) -> ModelMetadata:
-    """Publish ``model`` as the next version number under ``model_dir`` and return its metadata."""
+    """Publish ``model`` as the next version number under ``model_dir`` and return its metadata.
+
+    The model is saved in float32 whatever precision it was trained in (its variables are float32
+    under a mixed policy, so nothing is lost), so every version loads the same way.
+    """
+    from ml.precision import with_precision
+
     root = Path(model_dir)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".staging-{uuid.uuid4().hex[:8]}-", dir=root))
     try:
-        model.save(staging / MODEL_FILE)
+        with_precision(model, "float32").save(staging / MODEL_FILE)
         if evaluation is not None:
             (staging / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2) + "\n")
         if curves_png is not None:
@@ -243,14 +249,20 @@ def import_model(
     )
 
 
-def load_classifier(model_dir: PathLike, version: int) -> Classifier:
-    """Load one version as a ready-to-call :class:`ml.model.Classifier`."""
+def load_classifier(model_dir: PathLike, version: int, precision: str = "float32") -> Classifier:
+    """Load one version as a ready-to-call :class:`ml.model.Classifier` computing in ``precision``.
+
+    Versions are saved in float32; any of them can be served in any precision
+    (:func:`ml.precision.with_precision`), its output staying float32.
+    """
     import keras
 
     from ml.model import Classifier
+    from ml.precision import with_precision
 
     metadata = read_metadata(model_dir, version)
     model = keras.saving.load_model(version_dir(model_dir, version) / MODEL_FILE, compile=False)
+    model = with_precision(model, precision)
     return Classifier(
         model,
         metadata.class_names,

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ml.precision import Hardware, choose_precision, detect_hardware
 from ml.versions import load_classifier
 from worker import metrics
 
@@ -27,9 +28,13 @@ class ModelHolder:
     not retried until the wanted version changes again; the old one keeps serving.
     """
 
-    def __init__(self, model_dir: Path, wanted: Callable[[], int | None]):
+    def __init__(self, model_dir: Path, wanted: Callable[[], int | None], precision: str = "auto"):
         self.model_dir = model_dir
         self.wanted = wanted
+        self.requested_precision = precision
+        # Resolved on the first load, after the fork (GPU detection imports TensorFlow).
+        self.precision: str | None = None
+        self.hardware: Hardware | None = None
         self._classifier: Classifier | None = None
         self._checked = threading.Event()
         self._failed_version: int | None = None
@@ -67,7 +72,11 @@ class ModelHolder:
                 return False
             log.info("loading model version %s from %s", wanted, self.model_dir)
             try:
-                classifier = load_classifier(self.model_dir, wanted)
+                if self.precision is None:
+                    self.hardware = detect_hardware()
+                    self.precision = choose_precision(self.requested_precision, self.hardware)
+                    log.info("computing in %s on %s", self.precision, self.hardware)
+                classifier = load_classifier(self.model_dir, wanted, precision=self.precision)
                 classifier.warm_up()
             except Exception as exc:
                 metrics.MODEL_LOADS.labels(result="failure").inc()

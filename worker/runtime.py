@@ -40,7 +40,9 @@ class WorkerRuntime:
         self.keys = Keys(settings.key_prefix)
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.active = ActiveVersion(self.redis, self.keys, settings.model_dir)
-        self.holder = ModelHolder(settings.model_dir, wanted=self._wanted_version)
+        self.holder = ModelHolder(
+            settings.model_dir, wanted=self._wanted_version, precision=settings.precision
+        )
         self.batcher = Batcher(
             self.holder.current,
             max_batch=settings.batch_max_size,

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         ge=0,
         description="Longest a prediction waits for others to join its batch.",
     )
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="What the inference workers compute in: auto (bfloat16 on CPUs with AMX or "
+        "AVX512-BF16, float16 on GPUs with Tensor Cores, else float32) or a forced precision; "
+        "probabilities stay float32.",
+    )
     worker_metrics_port: int = Field(
         default=9100,
         ge=0,
