@@ -109,6 +109,9 @@ def make_settings(redis_url: str, model_dir: Path, **overrides: object) -> Setti
         "visibility_timeout_seconds": 4,
         "restore_interval_seconds": 1,
         "worker_metrics_port": 0,  # tests start many workers at once; one test turns it on
+        # Every test client shares one address; the rate-limit tests turn limits on.
+        "rate_limit_uploads": "",
+        "rate_limit_status": "",
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

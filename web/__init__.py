@@ -8,6 +8,7 @@ from typing import Any
 import redis
 from flask import Flask, current_app
 
+from web.ratelimit import init_rate_limits
 from web.uploads import FORM_MAX_PARTS, FORM_MEMORY_BYTES, UploadRequest
 from worker.app import create_celery
 from worker.client import Keys, PredictionClient
@@ -36,6 +37,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config.update(config)
     register_extensions(app, settings)
     register_blueprints(app)
+    init_rate_limits(app, settings)
     return app
 
 

@@ -17,6 +17,7 @@ from worker.client import (
     ImageError,
     ImageTooLargeError,
     NoModelError,
+    QueueFullError,
     UnsupportedImageError,
 )
 
@@ -69,6 +70,11 @@ def create_prediction() -> tuple[Response, int] | Response:
     except NoModelError as exc:
         metrics.rejected("no_model")
         return error_response(503, "no_model", str(exc))
+    except QueueFullError as exc:
+        metrics.rejected("queue_full")
+        response, status = error_response(503, "queue_full", str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after)
+        return response, status
     status_url = url_for("api.get_prediction", job_id=job_id)
     response = jsonify({"id": job_id, "status": "queued", "status_url": status_url})
     response.status_code = 202

@@ -7,7 +7,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from web import metrics, prediction_client
 from web.api import image_error_status, read_upload
-from worker.client import NO_MODEL_MESSAGE, ImageError, NoModelError, is_job_id
+from worker.client import NO_MODEL_MESSAGE, ImageError, NoModelError, QueueFullError, is_job_id
 
 bp = Blueprint("pages", __name__)
 
@@ -27,7 +27,7 @@ def index() -> str:
 
 
 @bp.post("/")
-def upload() -> BaseResponse | tuple[str, int]:
+def upload() -> BaseResponse | tuple[str, int] | tuple[str, int, dict[str, str]]:
     """Queue every uploaded file; show the results page, or the form again with what failed."""
     files = [f for f in request.files.getlist("files") if f.filename or f.content_length]
     if not files:
@@ -48,6 +48,10 @@ def upload() -> BaseResponse | tuple[str, int]:
         except NoModelError as exc:
             metrics.rejected("no_model")
             return render_template("index.html", notice=str(exc), errors=[], accepted=[]), 503
+        except QueueFullError as exc:
+            metrics.rejected("queue_full")
+            page = render_template("index.html", notice=str(exc), errors=[], accepted=accepted)
+            return page, 503, {"Retry-After": str(exc.retry_after)}
     if not errors:
         return redirect(url_for("pages.results", id=[job for _, job in accepted]), code=303)
     return render_template("index.html", notice=None, errors=errors, accepted=accepted), status

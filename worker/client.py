@@ -36,6 +36,7 @@ __all__ = [
     "Keys",
     "NoModelError",
     "PredictionClient",
+    "QueueFullError",
     "UnsupportedImageError",
     "WorkerInfo",
 ]
@@ -53,6 +54,17 @@ NO_MODEL_MESSAGE = (
 
 class NoModelError(RuntimeError):
     """Workers are running but none of them has a model version to serve."""
+
+
+class QueueFullError(RuntimeError):
+    """As many predictions as ``CXR_MAX_QUEUED_PREDICTIONS`` wait already: try again later."""
+
+    def __init__(self, queued: int, retry_after: int):
+        super().__init__(
+            f"{queued} predictions are waiting, the most this service queues; "
+            f"try again in {retry_after} s"
+        )
+        self.retry_after = retry_after
 
 
 @dataclass(frozen=True)
@@ -176,9 +188,17 @@ class PredictionClient:
         original travels on.
 
         Raises:
+            QueueFullError: the queue holds ``max_queued_predictions`` already (checked first,
+                so a flood is shed before its images are decoded).
             ImageError: the upload is not a usable PNG or JPEG (nothing is queued).
             NoModelError: workers report that they have no model to serve.
         """
+        limit = self.settings.max_queued_predictions
+        if limit:
+            # The kombu queue is a Redis list: its length is the number of waiting messages.
+            queued = int(self.redis.llen(self.settings.inference_queue))
+            if queued >= limit:
+                raise QueueFullError(queued, self.settings.queue_full_retry_after_seconds)
         image = decode_upload(data, max_pixels=self.settings.max_image_pixels)
         workers = self.workers()
         # With no worker at all the job waits in the queue; only refuse when the workers that are

@@ -37,6 +37,24 @@ class Settings(BaseSettings):
         gt=0,
         description="Largest decoded image, width x height (guards against decompression bombs).",
     )
+    max_queued_predictions: int = Field(
+        default=500,
+        ge=0,
+        description="Most predictions waiting in the queue; beyond it uploads get 503 with "
+        "Retry-After (0: no bound). Each holds at most ~1 MiB in Redis.",
+    )
+    queue_full_retry_after_seconds: int = Field(
+        default=5, ge=1, description="The Retry-After of a 503 for a full queue."
+    )
+    rate_limit_uploads: str = Field(
+        default="10/second;300/minute",
+        description="Uploads per client address (API and form), in Flask-Limiter's notation; "
+        "empty: no limit.",
+    )
+    rate_limit_status: str = Field(
+        default="50/second",
+        description="Status requests per client address; empty: no limit.",
+    )
     result_ttl_seconds: int = Field(
         default=3600, gt=0, description="How long uploads, job state and results are kept."
     )
