@@ -9,6 +9,8 @@ meets the outage itself and gets a 503), rather than turning an outage into 500s
 
 from __future__ import annotations
 
+from typing import Any
+
 from flask import Flask
 from flask_limiter import Limiter
 from flask_limiter.util import get_remote_address
@@ -46,5 +48,6 @@ def init_rate_limits(app: Flask, settings: Settings) -> Limiter | None:
         if value:
             # One budget per setting: the form and the API draw on the same upload allowance.
             shared = limiter.shared_limit(value, scope=LIMITED_ENDPOINTS[endpoint])
-            app.view_functions[endpoint] = shared(app.view_functions[endpoint])
+            view: Any = shared(app.view_functions[endpoint])  # a sync view stays sync
+            app.view_functions[endpoint] = view
     return limiter
