@@ -16,11 +16,16 @@ from pydantic import BaseModel
 from ml.config import limits, value_type
 
 
+def _extra(model: type[BaseModel], name: str, key: str) -> Any:
+    """One entry of a field's ``json_schema_extra`` (None when absent)."""
+    extra = model.model_fields[name].json_schema_extra
+    return extra.get(key) if isinstance(extra, dict) else None
+
+
 def flags(model: type[BaseModel], name: str) -> list[str]:
     """The flags of a field: ``--input-size``, then its aliases (``--lr-head``)."""
-    extra = model.model_fields[name].json_schema_extra
-    aliases = extra.get("aliases", []) if isinstance(extra, dict) else []
-    return ["--" + name.replace("_", "-"), *(str(a) for a in aliases)]  # type: ignore[union-attr]
+    aliases = _extra(model, name, "aliases") or []
+    return ["--" + name.replace("_", "-"), *(str(a) for a in aliases)]
 
 
 def help_text(model: type[BaseModel], name: str) -> str:
@@ -31,7 +36,8 @@ def help_text(model: type[BaseModel], name: str) -> str:
     parts = []
     if kind is not bool and (low is not None or high is not None):
         parts.append(_range(low, high, exclusive, kind))
-    parts.append(f"default {'none' if info.default is None else info.default}")
+    unset = _extra(model, name, "unset") or "none"
+    parts.append(f"default {unset if info.default is None else info.default}")
     return f"{info.description} ({'; '.join(parts)})"
 
 

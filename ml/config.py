@@ -7,7 +7,8 @@ promotion policy, the admin page renders its form from :func:`form_fields`, and 
 lines (``cxr train`` and ``python -m cli.train``) build their flags with ``cli.options``.
 
 A field's ``title`` is the admin form's label, its ``description`` the help text, and
-``json_schema_extra={"aliases": [...]}`` lists older command-line spellings kept as aliases.
+``json_schema_extra`` may hold ``aliases`` (older command-line spellings, kept) and ``unset``
+(what ``None`` means, for help texts).
 Pydantic only (no TensorFlow), so TF-free processes validate requests with it.
 """
 
@@ -114,7 +115,8 @@ class TrainingOptions(BaseModel):
         ge=1,
         le=10**9,
         title="Images per class (empty: all)",
-        description="use at most this many images of each class and split (default: all)",
+        description="use at most this many images of each class and split",
+        json_schema_extra={"unset": "all"},
     )
     target_sensitivity: float | None = Field(
         default=None,
@@ -123,7 +125,8 @@ class TrainingOptions(BaseModel):
         title="Target sensitivity (empty: label by the most probable class)",
         examples=[0.95],
         description="label at the threshold that reaches this sensitivity on the validation "
-        "split (e.g. 0.95) instead of at the highest probability (default: argmax)",
+        "split (e.g. 0.95) instead of at the highest probability",
+        json_schema_extra={"unset": "argmax"},
     )
 
 
@@ -234,4 +237,4 @@ def _number(value: float | None, kind: type) -> str:
     """A limit or default as an HTML attribute: ``5``, ``0.001``, ``1e-05`` (empty: none)."""
     if value is None:
         return ""
-    return str(int(value)) if kind is int else repr(float(value))
+    return str(int(value)) if kind is int else f"{value:g}"
