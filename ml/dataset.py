@@ -22,7 +22,7 @@ import numpy.typing as npt
 from ml.config import TrainConfig
 from ml.imaging import ImageError, decode_image, to_model_input
 
-__all__ = ["Dataset", "DatasetError", "load_dataset", "test_inputs"]
+__all__ = ["Dataset", "DatasetError", "load_dataset", "x_test_at"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class Dataset:
     relative to the dataset root). ``fingerprint`` identifies exactly the files used:
     ``{"sha256", "files", "counts": {split: {class: n}}, "val_source": "val" | "split from
     train"}``. ``test_files`` are the test images' paths in the order of ``x_test``, so the
-    same test split can be read again at another input size (:func:`test_inputs`).
+    same test split can be read again at another input size (:func:`x_test_at`).
     """
 
     class_names: list[str]
@@ -251,7 +251,7 @@ def load_dataset(root: str | os.PathLike[str], config: TrainConfig) -> Dataset:
     )
 
 
-def test_inputs(
+def x_test_at(
     root: str | os.PathLike[str], dataset: Dataset, input_size: int
 ) -> npt.NDArray[np.float32]:
     """``dataset.x_test`` at ``input_size``: the same test files, in the same order.

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ml.config import POLICIES, Policy
-from ml.dataset import Dataset, test_inputs
+from ml.dataset import Dataset, x_test_at
 from ml.evaluation import evaluate_model
 
 __all__ = ["POLICIES", "Policy", "decide", "needs_active_score", "score_version"]
@@ -86,7 +86,7 @@ def score_version(
     meta = read_metadata(model_dir, version)
     if dataset.class_names != meta.class_names:
         return None
-    x_test = test_inputs(root, dataset, meta.input_size)
+    x_test = x_test_at(root, dataset, meta.input_size)
     model = load_model(model_dir, version)
     return evaluate_model(
         model, x_test, dataset.y_test, dataset.class_names, threshold=meta.decision_threshold

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from flask import Flask, current_app
@@ -14,6 +14,8 @@ from worker.client import Keys, PredictionClient
 from worker.jobs import TrainingJobs
 from worker.registry import ActiveVersion
 from worker.settings import Settings, get_settings
+
+T = TypeVar("T")
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -70,13 +72,21 @@ def register_blueprints(app: Flask) -> None:
     api.register_error_handlers(app)
 
 
+def extension(name: str, kind: type[T]) -> T:
+    """The current app's extension ``name`` (attached by :func:`register_extensions`)."""
+    found = current_app.extensions[name]
+    if not isinstance(found, kind):
+        raise TypeError(
+            f"app.extensions[{name!r}] is a {type(found).__name__}, not {kind.__name__}"
+        )
+    return found
+
+
 def prediction_client() -> PredictionClient:
     """Return the current app's :class:`PredictionClient`."""
-    client: PredictionClient = current_app.extensions["cxr"]
-    return client
+    return extension("cxr", PredictionClient)
 
 
 def settings() -> Settings:
     """Return the current app's :class:`Settings` (the one way web code reaches them)."""
-    found: Settings = current_app.extensions["cxr_settings"]
-    return found
+    return extension("cxr_settings", Settings)

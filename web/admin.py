@@ -15,7 +15,6 @@ from typing import Any
 from flask import (
     Blueprint,
     Response,
-    current_app,
     jsonify,
     render_template,
     request,
@@ -25,7 +24,7 @@ from flask import (
 from pydantic import ValidationError
 
 from ml.config import form_fields
-from web import settings
+from web import extension, settings
 from web.api import error_response
 from worker.catalog import ModelCatalog, VersionNotFoundError
 from worker.jobs import FINAL_JOB_STATES, TrainingJobs, TrainingRequest
@@ -55,20 +54,17 @@ Reply = Response | tuple[Response, int]
 
 def registry() -> ActiveVersion:
     """The current app's active-version pointer."""
-    active: ActiveVersion = current_app.extensions["cxr_registry"]
-    return active
+    return extension("cxr_registry", ActiveVersion)
 
 
 def catalog() -> ModelCatalog:
     """The current app's view of the model versions."""
-    models: ModelCatalog = current_app.extensions["cxr_models"]
-    return models
+    return extension("cxr_models", ModelCatalog)
 
 
 def training_jobs() -> TrainingJobs:
     """The current app's fine-tuning job client."""
-    jobs: TrainingJobs = current_app.extensions["cxr_jobs"]
-    return jobs
+    return extension("cxr_jobs", TrainingJobs)
 
 
 def actor() -> str:
