@@ -3,8 +3,8 @@
 :class:`TrainingOptions` holds every knob an administrator may set. Everything else derives from
 it: :class:`TrainConfig` (what :func:`ml.training.train` runs) adds the knobs only a local run
 has, the admin API's ``worker.jobs.TrainingRequest`` adds the dataset, the base and the
-promotion policy, the admin page renders its form from :func:`form_fields`, and both command
-lines (``cxr train`` and ``python -m cli.train``) build their flags with ``cli.options``.
+promotion policy, the admin page renders its form from ``worker.jobs.form_fields``, and both
+command lines (``cxr train`` and ``python -m cli.train``) build their flags with ``cli.options``.
 
 A field's ``title`` is the admin form's label, its ``description`` the help text, and
 ``json_schema_extra`` may hold ``aliases`` (older command-line spellings, kept) and ``unset``
@@ -26,7 +26,8 @@ __all__ = [
     "Policy",
     "TrainConfig",
     "TrainingOptions",
-    "form_fields",
+    "limits",
+    "value_type",
 ]
 
 MAX_INPUT_SIZE = 1024
@@ -209,32 +210,3 @@ def value_type(model: type[BaseModel], name: str) -> type[int] | type[float] | t
         if annotation is kind or annotation == kind | None:
             return kind
     raise TypeError(f"{name} is not a bool, int or float field")
-
-
-def form_fields(names: tuple[str, ...]) -> list[dict[str, Any]]:
-    """What the admin page's number inputs need: name, label, help, min, max, step, value."""
-    rows = []
-    for name in names:
-        info = TrainingOptions.model_fields[name]
-        low, high, _ = limits(TrainingOptions, name)
-        kind = value_type(TrainingOptions, name)
-        rows.append(
-            {
-                "name": name,
-                "label": info.title,
-                "help": info.description,
-                "min": _number(low, kind),
-                "max": _number(high, kind),
-                "step": "1" if kind is int else "any",
-                "value": "" if info.default is None else _number(info.default, kind),
-                "placeholder": f"e.g. {info.examples[0]}" if info.examples else "",
-            }
-        )
-    return rows
-
-
-def _number(value: float | None, kind: type) -> str:
-    """A limit or default as an HTML attribute: ``5``, ``0.001``, ``1e-05`` (empty: none)."""
-    if value is None:
-        return ""
-    return str(int(value)) if kind is int else f"{value:g}"

@@ -23,11 +23,10 @@ from flask import (
 )
 from pydantic import ValidationError
 
-from ml.config import form_fields
 from web import extension, settings
 from web.api import error_response
 from worker.catalog import ModelCatalog, VersionNotFoundError
-from worker.jobs import FINAL_JOB_STATES, TrainingJobs, TrainingRequest
+from worker.jobs import FINAL_JOB_STATES, TrainingJobs, TrainingRequest, form_fields
 from worker.registry import ActiveVersion, PointerError
 
 bp = Blueprint("admin", __name__, url_prefix="/api/v1/admin")

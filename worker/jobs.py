@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 from pydantic import ConfigDict, Field, field_validator
 
-from ml.config import Policy, TrainingOptions
+from ml.config import Policy, TrainingOptions, limits, value_type
 from worker.app import TASK_TRAIN
 from worker.client import Keys, as_text, is_job_id, new_job_id
 from worker.settings import Settings
@@ -66,6 +66,35 @@ class TrainingRequest(TrainingOptions):
         if value == 0 and info.data.get("epochs_head") == 0:
             raise ValueError("epochs_head and epochs_finetune cannot both be 0")
         return value
+
+
+def form_fields(names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """What the admin page's number inputs need: name, label, help, min, max, step, value."""
+    rows = []
+    for name in names:
+        info = TrainingOptions.model_fields[name]
+        low, high, _ = limits(TrainingOptions, name)
+        kind = value_type(TrainingOptions, name)
+        rows.append(
+            {
+                "name": name,
+                "label": info.title,
+                "help": info.description,
+                "min": _number(low, kind),
+                "max": _number(high, kind),
+                "step": "1" if kind is int else "any",
+                "value": "" if info.default is None else _number(info.default, kind),
+                "placeholder": f"e.g. {info.examples[0]}" if info.examples else "",
+            }
+        )
+    return rows
+
+
+def _number(value: float | None, kind: type) -> str:
+    """A limit or default as an HTML attribute: ``5``, ``0.001``, ``1e-05`` (empty: none)."""
+    if value is None:
+        return ""
+    return str(int(value)) if kind is int else f"{value:g}"
 
 
 class TrainingJobs:
