@@ -1,8 +1,9 @@
 """Scoring a classifier's predictions and drawing its training curves.
 
 Only numpy and matplotlib are imported (no TensorFlow: :func:`evaluate_model` runs the model it
-is given), so reports can be recomputed or redrawn in any process. Every number returned is a plain Python ``float``/``int`` (or ``None``), ready for
-``json.dumps`` and for a Celery result backend.
+is given), so reports can be recomputed or redrawn in any process. Every number returned is a
+plain Python ``float``/``int`` (or ``None``), ready for ``json.dumps`` and for a Celery result
+backend.
 """
 
 from __future__ import annotations
