@@ -11,7 +11,7 @@ import json
 import sys
 import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cli.api import AdminApi, ApiError, ApiUnreachable, job_path
@@ -158,23 +158,38 @@ def follow_job(api: AdminApi, job_id: str, interval: float, as_json: bool) -> in
         return 130
 
 
+def print_listing(
+    as_json: bool,
+    doc: dict[str, Any],
+    key: str,
+    empty: str,
+    header: Sequence[str],
+    row: Callable[[dict[str, Any]], Sequence[object]],
+) -> bool:
+    """Print ``doc`` as JSON, or ``empty``, or a table of ``doc[key]``; True if a table."""
+    if as_json:
+        print_json(doc)
+        return False
+    if not doc[key]:
+        print(empty)
+        return False
+    print_table(header, [row(item) for item in doc[key]])
+    return True
+
+
+def job_row(j: dict[str, Any]) -> tuple[object, ...]:
+    """One row of ``cxr jobs``."""
+    return (
+        j["id"], j["status"], fmt_time(j.get("created_at")), j.get("actor", ""),
+        progress_text(j) if j["status"] in ("queued", "running") else outcome_text(j),
+    )  # fmt: skip
+
+
 def cmd_jobs(args: argparse.Namespace, api: AdminApi) -> int:
     """List recent fine-tuning jobs."""
     doc = api.call("GET", f"/training-jobs?limit={args.limit}")
-    if args.json_output:
-        print_json(doc)
-        return 0
-    if not doc["jobs"]:
-        print("no fine-tuning jobs")
-        return 0
-    rows = [
-        (
-            j["id"], j["status"], fmt_time(j.get("created_at")), j.get("actor", ""),
-            progress_text(j) if j["status"] in ("queued", "running") else outcome_text(j),
-        )
-        for j in doc["jobs"]
-    ]  # fmt: skip
-    print_table(("ID", "STATUS", "CREATED", "BY", "PROGRESS / OUTCOME"), rows)
+    header = ("ID", "STATUS", "CREATED", "BY", "PROGRESS / OUTCOME")
+    print_listing(args.json_output, doc, "jobs", "no fine-tuning jobs", header, job_row)
     return 0
 
 
@@ -213,30 +228,26 @@ def cmd_cancel(args: argparse.Namespace, api: AdminApi) -> int:
     return 0
 
 
+def version_row(v: dict[str, Any]) -> tuple[object, ...]:
+    """One row of ``cxr models``."""
+    m = v.get("metrics") or {}
+    base = f"v{v['parent_version']}" if v.get("parent_version") else v.get("base_weights")
+    return (
+        v["version"], "*" if v["active"] else "", fmt_time(v.get("created_at")),
+        base or "none", f"{v['input_size']}px", fmt_metric(m.get("accuracy")),
+        fmt_metric(m.get("sensitivity")), fmt_metric(m.get("specificity")),
+        fmt_metric(m.get("roc_auc")),
+    )  # fmt: skip
+
+
 def cmd_models(args: argparse.Namespace, api: AdminApi) -> int:
     """List the service's model versions."""
     doc = api.call("GET", "/models")
-    if args.json_output:
-        print_json(doc)
-        return 0
-    if not doc["versions"]:
-        print("no model versions")
-        return 0
-    rows = []
-    for v in doc["versions"]:
-        m = v.get("metrics") or {}
-        base = f"v{v['parent_version']}" if v.get("parent_version") else v.get("base_weights")
-        rows.append(
-            (
-                v["version"], "*" if v["active"] else "", fmt_time(v.get("created_at")),
-                base or "none", f"{v['input_size']}px", fmt_metric(m.get("accuracy")),
-                fmt_metric(m.get("sensitivity")), fmt_metric(m.get("specificity")),
-                fmt_metric(m.get("roc_auc")),
-            )
-        )  # fmt: skip
     header = ("VERSION", "ACTIVE", "CREATED", "BASE", "INPUT", "ACC", "SENS", "SPEC", "AUC")
-    print_table(header, rows)
-    if doc["active_version"] is None:
+    table = print_listing(
+        args.json_output, doc, "versions", "no model versions", header, version_row
+    )
+    if table and doc["active_version"] is None:
         print("no active version: promote one with `cxr promote N`")
     return 0
 
@@ -293,23 +304,20 @@ def cmd_rollback(args: argparse.Namespace, api: AdminApi) -> int:
     return 0
 
 
+def audit_row(e: dict[str, Any]) -> tuple[object, ...]:
+    """One row of ``cxr audit``."""
+    return (
+        fmt_time(e["at"]), e["actor"], e["action"],
+        "-" if e["from_version"] is None else e["from_version"], e["to_version"], e["reason"],
+    )  # fmt: skip
+
+
 def cmd_audit(args: argparse.Namespace, api: AdminApi) -> int:
     """Show recent changes of the active version."""
     doc = api.call("GET", f"/audit?limit={args.limit}")
-    if args.json_output:
-        print_json(doc)
-        return 0
-    if not doc["entries"]:
-        print("no changes of the active version yet")
-        return 0
-    rows = [
-        (
-            fmt_time(e["at"]), e["actor"], e["action"],
-            "-" if e["from_version"] is None else e["from_version"], e["to_version"], e["reason"],
-        )
-        for e in doc["entries"]
-    ]  # fmt: skip
-    print_table(("WHEN", "BY", "ACTION", "FROM", "TO", "REASON"), rows)
+    header = ("WHEN", "BY", "ACTION", "FROM", "TO", "REASON")
+    empty = "no changes of the active version yet"
+    print_listing(args.json_output, doc, "entries", empty, header, audit_row)
     return 0
 
 
