@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator
 
 from bench.configs import (
     DEFAULT_SHAPE,
@@ -44,6 +45,15 @@ def row(name: str, batching: bool, shape: str, lv: Json) -> str:
 def verdict(ok: bool | None) -> str:
     """MET / NOT MET / N/A."""
     return "N/A" if ok is None else ("MET" if ok else "NOT MET")
+
+
+def unloaded_levels(report: Json) -> Iterator[tuple[str, bool, Json]]:
+    """``(config, batching, level)`` of every default run's concurrency-1 level with latencies."""
+    for name, cfg in report["configs"].items():
+        for batching, run in default_runs(cfg).items():
+            lv = next((lv for lv in run["levels"] if lv["concurrency"] == 1), None)
+            if lv is not None and "latency_ms" in lv:
+                yield name, batching, lv
 
 
 def default_runs(cfg: Json) -> dict[bool, Json]:
@@ -148,19 +158,15 @@ def print_report(report: Json) -> None:
         " redis-server and the whole machine; ! = load generator bound)"
     )
     print("\nunloaded latency (concurrency 1, p50 ms; overhead = e2e - model):")
-    for name, cfg in report["configs"].items():
-        for batching, run in default_runs(cfg).items():
-            lv = next((lv for lv in run["levels"] if lv["concurrency"] == 1), None)
-            if lv is None or "latency_ms" not in lv:
-                continue
-            t = lv["server_ms_mean"]
-            on = "on " if batching else "off"
-            print(
-                f"  {name:<8} batching {on}: e2e {lv['latency_ms']['p50']:.1f}"
-                f"  overhead {lv['overhead_ms_p50']:.1f}  (means: queue {t['queue']:.1f},"
-                f" decode {t['decode']:.1f}, batch_wait {t['batch_wait']:.1f}, model"
-                f" {t['model']:.1f}; outside the worker p50 {lv['outside_worker_ms_p50']:.1f})"
-            )
+    for name, batching, lv in unloaded_levels(report):
+        t = lv["server_ms_mean"]
+        on = "on " if batching else "off"
+        print(
+            f"  {name:<8} batching {on}: e2e {lv['latency_ms']['p50']:.1f}"
+            f"  overhead {lv['overhead_ms_p50']:.1f}  (means: queue {t['queue']:.1f},"
+            f" decode {t['decode']:.1f}, batch_wait {t['batch_wait']:.1f}, model"
+            f" {t['model']:.1f}; outside the worker p50 {lv['outside_worker_ms_p50']:.1f})"
+        )
     print("\nraw model throughput (Classifier.predict_batch, images/s by batch size):")
     for name, cfg in report["configs"].items():
         raw = cfg["raw"]
@@ -253,17 +259,13 @@ def markdown(report: Json) -> str:
         "| concurrency 1 | e2e p50 ms | overhead p50 ms | queue | decode | batch_wait | model |",
         "|---|--:|--:|--:|--:|--:|--:|",
     ]
-    for name, cfg in report["configs"].items():
-        for batching, run in default_runs(cfg).items():
-            lv = next((lv for lv in run["levels"] if lv["concurrency"] == 1), None)
-            if lv is None or "latency_ms" not in lv:
-                continue
-            t = lv["server_ms_mean"]
-            lines.append(
-                f"| {name} batching {'on' if batching else 'off'} | {lv['latency_ms']['p50']:.1f} "
-                f"| {lv['overhead_ms_p50']:.1f} | {t['queue']:.1f} | {t['decode']:.1f} "
-                f"| {t['batch_wait']:.1f} | {t['model']:.1f} |"
-            )
+    for name, batching, lv in unloaded_levels(report):
+        t = lv["server_ms_mean"]
+        lines.append(
+            f"| {name} batching {'on' if batching else 'off'} | {lv['latency_ms']['p50']:.1f} "
+            f"| {lv['overhead_ms_p50']:.1f} | {t['queue']:.1f} | {t['decode']:.1f} "
+            f"| {t['batch_wait']:.1f} | {t['model']:.1f} |"
+        )
     lines += ["", "| model | raw images/s by batch size | best |", "|---|---|--:|"]
     for name, cfg in report["configs"].items():
         raw = cfg["raw"]
