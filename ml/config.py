@@ -17,7 +17,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "MAX_INPUT_SIZE",
@@ -139,6 +146,14 @@ class TrainConfig(TrainingOptions):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            # One line an operator can read (it ends up in a job's error and on the command
+            # line), not pydantic's multi-line report.
+            raise ValueError(describe(exc)) from None
+
     val_fraction: float = Field(
         default=0.15,
         gt=0,
@@ -185,7 +200,21 @@ class TrainConfig(TrainingOptions):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build a config from a dict; unknown keys and out-of-range values raise ValueError."""
-        return cls.model_validate(data)
+        return cls(**data)
+
+
+def describe(exc: ValidationError) -> str:
+    """A validation error in one line, e.g. ``input_size: ... (got 16); seed: ... (got -1)``."""
+    unknown = [str(e["loc"][0]) for e in exc.errors() if e["type"] == "extra_forbidden"]
+    parts = [f"unknown training option(s): {', '.join(unknown)}"] if unknown else []
+    for error in exc.errors():
+        if error["type"] == "extra_forbidden":
+            continue
+        message = str(error["msg"]).removeprefix("Value error, ")
+        where = ".".join(str(p) for p in error["loc"])
+        got = f" (got {error['input']!r})" if where else ""
+        parts.append(f"{where}: {message}{got}" if where else message)
+    return "; ".join(parts)
 
 
 def limits(model: type[BaseModel], name: str) -> tuple[float | None, float | None, bool]:
