@@ -28,13 +28,14 @@ COPY pyproject.toml README.md* ./
 
 
 FROM base AS web
-RUN mkdir -p web worker ml \
-    && touch web/__init__.py worker/__init__.py ml/__init__.py \
+RUN mkdir -p web worker ml cli \
+    && touch web/__init__.py worker/__init__.py ml/__init__.py cli/__init__.py \
     && pip install --no-cache-dir . \
-    && rm -rf build ./*.egg-info web worker ml
+    && rm -rf build ./*.egg-info web worker ml cli
 COPY web/ web/
 COPY worker/ worker/
 COPY ml/ ml/
+COPY cli/ cli/
 RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build ./*.egg-info
 USER 10001:10001
@@ -49,10 +50,10 @@ ENV TF_CPP_MIN_LOG_LEVEL=1 \
     KERAS_HOME=/opt/keras \
     CXR_MODEL_DIR=/models
 # "./[extra]" is pip's ".[extra]"; hadolint (DL3013) reads the latter as an unpinned package name.
-RUN mkdir -p web worker ml \
-    && touch web/__init__.py worker/__init__.py ml/__init__.py \
+RUN mkdir -p web worker ml cli \
+    && touch web/__init__.py worker/__init__.py ml/__init__.py cli/__init__.py \
     && pip install --no-cache-dir "./[${TF_EXTRA}]" \
-    && rm -rf build ./*.egg-info web worker ml
+    && rm -rf build ./*.egg-info web worker ml cli
 # KERAS_HOME must be writable by the runtime user: Keras falls back to /tmp/.keras (and so would
 # download again) when it is not.
 RUN mkdir -p /opt/keras \
@@ -65,6 +66,7 @@ USER 0
 COPY web/ web/
 COPY worker/ worker/
 COPY ml/ ml/
+COPY cli/ cli/
 RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build ./*.egg-info
 USER 10001:10001

@@ -1,5 +1,7 @@
-"""Pure Python + Keras: image intake, preprocessing, the VGG16 classifier and its saved versions.
+"""Pure Python + Keras: image intake, the VGG16 classifier, training and its saved versions.
 
-Nothing here imports Flask or Celery. Only :mod:`ml.model` and :mod:`ml.versions` (on load/save)
-import TensorFlow; :mod:`ml.imaging` needs only Pillow and numpy, so the web process can use it.
+Nothing here imports Flask, Celery, Redis or an HTTP client. TensorFlow is imported only inside
+the functions that build, load, train or run a model (:mod:`ml.model`, :mod:`ml.versions`,
+:mod:`ml.training`); :mod:`ml.imaging` needs only Pillow and numpy and :mod:`ml.config` only
+pydantic, so the web process can use them. docs/ARCHITECTURE.md lists every module's job.
 """

@@ -1,8 +1,9 @@
 """Scoring a classifier's predictions and drawing its training curves.
 
-Only numpy and matplotlib are used (no TensorFlow), so reports can be recomputed or redrawn in
-any process. Every number returned is a plain Python ``float``/``int`` (or ``None``), ready for
-``json.dumps`` and for a Celery result backend.
+Only numpy and matplotlib are imported (no TensorFlow: :func:`evaluate_model` runs the model it
+is given), so reports can be recomputed or redrawn in any process. Every number returned is a
+plain Python ``float``/``int`` (or ``None``), ready for ``json.dumps`` and for a Celery result
+backend.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
@@ -21,7 +22,10 @@ from matplotlib.figure import Figure
 
 from ml.decision import NEGATIVE_CLASS, decide, negative_index
 
-__all__ = ["evaluate_predictions", "plot_curves", "roc_auc"]
+if TYPE_CHECKING:
+    import keras
+
+__all__ = ["evaluate_model", "evaluate_predictions", "plot_curves", "roc_auc"]
 
 
 def roc_auc(positive: npt.ArrayLike, scores: npt.ArrayLike) -> float | None:
@@ -197,3 +201,18 @@ def plot_curves(
     if path is not None:
         Path(path).write_bytes(data)
     return data
+
+
+def evaluate_model(
+    model: keras.Model,
+    x: npt.NDArray[np.float32],
+    y: npt.NDArray[np.integer[Any]],
+    class_names: Sequence[str],
+    batch_size: int = 32,
+    threshold: float | None = None,
+) -> dict[str, Any]:
+    """Run ``model`` on ``x`` and score it with :func:`evaluate_predictions`."""
+    probs = model.predict(x, batch_size=batch_size, verbose=0)
+    return evaluate_predictions(
+        y, np.asarray(probs, dtype=np.float64), class_names, threshold=threshold
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from flask import Flask, current_app
@@ -11,10 +11,13 @@ from flask import Flask, current_app
 from web.ratelimit import init_rate_limits
 from web.uploads import FORM_MAX_PARTS, FORM_MEMORY_BYTES, UploadRequest
 from worker.app import create_celery
+from worker.catalog import ModelCatalog
 from worker.client import Keys, PredictionClient
 from worker.jobs import TrainingJobs
 from worker.registry import ActiveVersion
 from worker.settings import Settings, get_settings
+
+T = TypeVar("T")
 
 
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
@@ -42,19 +45,21 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
 
 
 def register_extensions(app: Flask, settings: Settings) -> None:
-    """Attach settings, a Redis client, a send-only Celery app, the pointer and the job client."""
+    """Attach settings, a Redis client, a send-only Celery app, the pointer, jobs and versions."""
     # socket_timeout stays above api.MAX_WAIT_SECONDS: long-polling status requests block in
     # Redis (BLPOP) that long.
     redis_client = redis.Redis.from_url(
         settings.redis_url, socket_timeout=30, socket_connect_timeout=2, health_check_interval=30
     )
     celery = create_celery(settings)
+    app.extensions["cxr_settings"] = settings
     app.extensions["cxr"] = PredictionClient(settings, redis_client, celery)
     # The admin API's view of the active-version pointer and of fine-tuning jobs (both TF-free).
     app.extensions["cxr_registry"] = ActiveVersion(
         redis_client, Keys(settings.key_prefix), settings.model_dir
     )
     app.extensions["cxr_jobs"] = TrainingJobs(settings, redis_client, celery)
+    app.extensions["cxr_models"] = ModelCatalog(settings.model_dir)
 
 
 def register_blueprints(app: Flask) -> None:
@@ -72,7 +77,21 @@ def register_blueprints(app: Flask) -> None:
     api.register_error_handlers(app)
 
 
+def extension(name: str, kind: type[T]) -> T:
+    """The current app's extension ``name`` (attached by :func:`register_extensions`)."""
+    found = current_app.extensions[name]
+    if not isinstance(found, kind):
+        raise TypeError(
+            f"app.extensions[{name!r}] is a {type(found).__name__}, not {kind.__name__}"
+        )
+    return found
+
+
 def prediction_client() -> PredictionClient:
     """Return the current app's :class:`PredictionClient`."""
-    client: PredictionClient = current_app.extensions["cxr"]
-    return client
+    return extension("cxr", PredictionClient)
+
+
+def settings() -> Settings:
+    """Return the current app's :class:`Settings` (the one way web code reaches them)."""
+    return extension("cxr_settings", Settings)

@@ -15,7 +15,6 @@ from typing import Any
 from flask import (
     Blueprint,
     Response,
-    current_app,
     jsonify,
     render_template,
     request,
@@ -24,17 +23,10 @@ from flask import (
 )
 from pydantic import ValidationError
 
-from ml.versions import (
-    VersionNotFoundError,
-    curves_path,
-    has_version,
-    list_versions,
-    read_evaluation,
-    read_metadata,
-)
-from web import prediction_client
+from web import extension, settings
 from web.api import error_response
-from worker.jobs import FINAL_JOB_STATES, TrainingJobs, TrainingRequest
+from worker.catalog import ModelCatalog, VersionNotFoundError
+from worker.jobs import FINAL_JOB_STATES, TrainingJobs, TrainingRequest, form_fields
 from worker.registry import ActiveVersion, PointerError
 
 bp = Blueprint("admin", __name__, url_prefix="/api/v1/admin")
@@ -48,21 +40,30 @@ MAX_LIMIT = 1000
 # What may follow "admin:" in an audit entry: a name or an e-mail address, nothing that could
 # forge another log line or hide in a terminal (no control characters, no newlines).
 _ACTOR_CHARS = re.compile(r"[^A-Za-z0-9 ._@+-]")
-_SUMMARY_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+# The training knobs the page's form offers (the rest keep their defaults); limits, defaults and
+# labels come from their declaration, ml.config.TrainingOptions.
+FORM_KNOBS = (
+    "input_size", "epochs_head", "epochs_finetune", "learning_rate_head",
+    "learning_rate_finetune", "finetune_blocks", "batch_size", "max_images_per_class",
+    "target_sensitivity",
+)  # fmt: skip
 
 Reply = Response | tuple[Response, int]
 
 
 def registry() -> ActiveVersion:
     """The current app's active-version pointer."""
-    active: ActiveVersion = current_app.extensions["cxr_registry"]
-    return active
+    return extension("cxr_registry", ActiveVersion)
+
+
+def catalog() -> ModelCatalog:
+    """The current app's view of the model versions."""
+    return extension("cxr_models", ModelCatalog)
 
 
 def training_jobs() -> TrainingJobs:
     """The current app's fine-tuning job client."""
-    jobs: TrainingJobs = current_app.extensions["cxr_jobs"]
-    return jobs
+    return extension("cxr_jobs", TrainingJobs)
 
 
 def actor() -> str:
@@ -75,7 +76,7 @@ def actor() -> str:
 @bp.before_request
 def require_token() -> Reply | None:
     """Refuse every admin route unless the request carries the configured bearer token."""
-    secret = prediction_client().settings.admin_token
+    secret = settings().admin_token
     if secret is None or not secret.get_secret_value():
         return error_response(403, "admin_disabled", "set CXR_ADMIN_TOKEN to enable the admin API")
     scheme, _, given = request.headers.get("Authorization", "").partition(" ")
@@ -225,62 +226,32 @@ def cancel_training_job(job_id: str) -> Reply:
 # --- model versions and the active pointer ------------------------------------------------------
 
 
-def version_summary(version: int, active: int | None) -> dict[str, Any] | None:
-    """One row of the versions list, or ``None`` when the version cannot be read."""
-    model_dir = prediction_client().settings.model_dir
-    try:
-        meta = read_metadata(model_dir, version)
-    except (VersionNotFoundError, OSError, ValueError, TypeError) as exc:
-        # A half-deleted or hand-edited folder should not take the whole list down.
-        current_app.logger.warning("skipping model version %s: %s", version, exc)
-        return None
-    return {
-        "version": meta.version,
-        "created_at": meta.created_at,
-        "parent_version": meta.parent_version,
-        "base_weights": meta.base_weights,
-        "input_size": meta.input_size,
-        "class_names": meta.class_names,
-        "metrics": {k: meta.metrics[k] for k in _SUMMARY_METRICS if k in meta.metrics},
-        "training_seconds": meta.training_seconds,
-        "job_id": meta.job_id,
-        "decision_threshold": meta.decision_threshold,
-        "active": version == active,
-        "has_curves": curves_path(model_dir, version) is not None,
-    }
-
-
 @bp.get("/models")
 def list_models() -> Reply:
     """Every model version, newest first, and which one is active."""
     active = registry().get()
-    versions = sorted(list_versions(prediction_client().settings.model_dir), reverse=True)
-    rows = [row for v in versions if (row := version_summary(v, active)) is not None]
+    models = catalog()
+    rows = [row for v in models.versions() if (row := models.summary(v, active)) is not None]
     return jsonify({"active_version": active, "versions": rows})
 
 
 @bp.get("/models/<int:version>")
 def get_model(version: int) -> Reply:
     """Everything known about one version, with its evaluation."""
-    model_dir = prediction_client().settings.model_dir
     try:
-        meta = read_metadata(model_dir, version)
+        doc = catalog().detail(version)
     except VersionNotFoundError:
         return not_found(f"no model version {version}")
     except (OSError, ValueError, TypeError) as exc:  # the list skips such a version too
         return not_found(f"model version {version} cannot be read: {exc}")
-    doc = meta.to_dict()
-    doc["evaluation"] = read_evaluation(model_dir, version)
     doc["active"] = registry().get() == version
-    doc["has_curves"] = curves_path(model_dir, version) is not None
     return jsonify(doc)
 
 
 @bp.get("/models/<int:version>/curves.png")
 def get_curves(version: int) -> Reply:
     """The training curves of one version (PNG)."""
-    model_dir = prediction_client().settings.model_dir
-    path = curves_path(model_dir, version) if has_version(model_dir, version) else None
+    path = catalog().curves(version)
     if path is None:
         return not_found(f"model version {version} has no training curves")
     return send_file(path, mimetype="image/png", max_age=0)
@@ -289,7 +260,7 @@ def get_curves(version: int) -> Reply:
 def change_pointer(version: int, action: str) -> Reply:
     """Make ``version`` active (``promote`` or ``pin``) and answer with the audit entry."""
     why = reason()
-    if not has_version(prediction_client().settings.model_dir, version):
+    if not catalog().has(version):
         return not_found(f"no model version {version}")
     try:
         entry = registry().set(version, actor=actor(), action=action, reason=why)
@@ -334,4 +305,4 @@ def list_audit() -> Reply:
 def admin_page() -> str:
     """The admin page: a token prompt and the script that drives the admin API."""
     api_root = url_for("admin.list_models").removesuffix("/models")
-    return render_template("admin.html", api_root=api_root)
+    return render_template("admin.html", api_root=api_root, knobs=form_fields(FORM_KNOBS))

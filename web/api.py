@@ -9,7 +9,7 @@ from flask import Blueprint, Flask, Response, jsonify, render_template, request,
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from web import metrics, prediction_client
+from web import metrics, prediction_client, settings
 from web.uploads import too_large_message
 from worker.client import (
     CorruptImageError,
@@ -95,7 +95,7 @@ def get_prediction(job_id: str) -> tuple[Response, int] | Response:
         return error_response(400, "invalid_wait", "wait must be a number of seconds")
     doc = prediction_client().status(job_id, wait=max(0.0, wait))
     if doc is None:
-        ttl = prediction_client().settings.result_ttl_seconds
+        ttl = settings().result_ttl_seconds
         return error_response(
             404,
             "not_found",
@@ -111,7 +111,7 @@ def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(RequestEntityTooLarge)
     def too_large(exc: RequestEntityTooLarge) -> tuple[Response | str, int]:
         metrics.rejected("too_large")
-        limit = prediction_client().settings.max_upload_mb
+        limit = settings().max_upload_mb
         message = too_large_message(exc, request.content_length, limit)
         if request.path.startswith("/api/"):
             return error_response(413, "too_large", message)

@@ -11,7 +11,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import redis
 from celery import Celery
@@ -26,6 +26,7 @@ from ml.imaging import (
     encode_png,
 )
 from worker.app import TASK_PREDICT
+from worker.records import FINAL_STATES, PredictionStatus
 from worker.settings import Settings
 
 __all__ = [
@@ -40,10 +41,6 @@ __all__ = [
     "UnsupportedImageError",
     "WorkerInfo",
 ]
-
-JobStatus = Literal["queued", "running", "done", "failed"]
-FINAL_STATES: frozenset[str] = frozenset({"done", "failed"})
-
 
 NO_MODEL_MESSAGE = (
     "No model version is active yet. Create one with `cxr init-model` (README, 'A first model') "
@@ -234,7 +231,12 @@ class PredictionClient:
         return job_id
 
     def status(self, job_id: str, wait: float = 0.0) -> dict[str, Any] | None:
-        """Return the public state of a job, or ``None`` when it is unknown or expired.
+        """The public state of a job as the API answers it (see :meth:`read`)."""
+        record = self.read(job_id, wait)
+        return record.to_dict() if record is not None else None
+
+    def read(self, job_id: str, wait: float = 0.0) -> PredictionStatus | None:
+        """Return the state of a job, or ``None`` when it is unknown or expired.
 
         With ``wait`` > 0, a job that is not finished yet is waited for, up to ``wait`` seconds
         (long polling: one request instead of many).
@@ -251,19 +253,7 @@ class PredictionClient:
             raw = self.redis.hgetall(self.keys.job(job_id))
         if not raw:
             return None
-        job = {as_text(k): as_text(v) for k, v in raw.items()}
-        doc: dict[str, Any] = {"id": job_id, "status": job.get("status", "queued")}
-        if job.get("filename"):
-            doc["filename"] = job["filename"]
-        created = float(job["created_at"]) if "created_at" in job else None
-        doc["created_at"] = created
-        if created is not None and "finished_at" in job:
-            doc["elapsed_ms"] = round((float(job["finished_at"]) - created) * 1000, 2)
-        if "result" in job:
-            doc["result"] = json.loads(job["result"])
-        if "error" in job:
-            doc["error"] = job["error"]
-        return doc
+        return PredictionStatus.from_hash(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
 
     def workers(self) -> list[WorkerInfo]:
         """Return the heartbeats of every live worker process."""

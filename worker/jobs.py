@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import PurePosixPath
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import redis
 from celery import Celery
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
+from ml.config import Policy, TrainingOptions, limits, value_type
 from worker.app import TASK_TRAIN
 from worker.client import Keys, as_text, is_job_id, new_job_id
 from worker.settings import Settings
@@ -25,8 +26,12 @@ BASES = ("imagenet", "none", "active")
 JOB_HISTORY = 1000
 
 
-class TrainingRequest(BaseModel):
-    """What an administrator may ask of a fine-tuning job (every field has a default)."""
+class TrainingRequest(TrainingOptions):
+    """What an administrator may ask of a fine-tuning job (every field has a default).
+
+    The training knobs, their limits, defaults and help are :class:`ml.config.TrainingOptions`'s;
+    only what the service resolves itself (the dataset, the base, the promotion policy) is here.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
@@ -39,27 +44,13 @@ class TrainingRequest(BaseModel):
         description="'imagenet', 'none', 'active' (continue from the active version), "
         "or a weights file path inside CXR_DATA_DIR.",
     )
-    input_size: int = Field(default=224, ge=32, le=1024)
-    epochs_head: int = Field(default=5, ge=0, le=500)
-    epochs_finetune: int = Field(default=5, ge=0, le=500)
-    learning_rate_head: float = Field(default=1e-3, gt=0, le=1)
-    learning_rate_finetune: float = Field(default=1e-5, gt=0, le=1)
-    finetune_blocks: int = Field(default=1, ge=0, le=5)
-    batch_size: int = Field(default=32, ge=1, le=1024)
-    augment: bool = True
-    patience: int = Field(default=3, ge=1, le=100)
-    seed: int = 1337
-    max_images_per_class: int | None = Field(default=None, ge=1)
-    target_sensitivity: float | None = Field(
-        default=None,
-        gt=0,
-        le=1,
-        description="Label at the threshold that reaches this sensitivity on the validation "
-        "split (e.g. 0.95) instead of at the highest probability.",
-    )
-    promotion: Literal["if_better", "always", "never"] | None = Field(
+    promotion: Policy | None = Field(
         default=None, description="Promotion policy; default CXR_PROMOTION_POLICY."
     )
+
+    def knobs(self) -> dict[str, Any]:
+        """The training knobs only, by :class:`ml.config.TrainConfig`'s names."""
+        return self.model_dump(include=set(TrainingOptions.model_fields))
 
     @field_validator("dataset", "base")
     @classmethod
@@ -75,6 +66,35 @@ class TrainingRequest(BaseModel):
         if value == 0 and info.data.get("epochs_head") == 0:
             raise ValueError("epochs_head and epochs_finetune cannot both be 0")
         return value
+
+
+def form_fields(names: tuple[str, ...]) -> list[dict[str, Any]]:
+    """What the admin page's number inputs need: name, label, help, min, max, step, value."""
+    rows = []
+    for name in names:
+        info = TrainingOptions.model_fields[name]
+        low, high, _ = limits(TrainingOptions, name)
+        kind = value_type(TrainingOptions, name)
+        rows.append(
+            {
+                "name": name,
+                "label": info.title,
+                "help": info.description,
+                "min": _number(low, kind),
+                "max": _number(high, kind),
+                "step": "1" if kind is int else "any",
+                "value": "" if info.default is None else _number(info.default, kind),
+                "placeholder": f"e.g. {info.examples[0]}" if info.examples else "",
+            }
+        )
+    return rows
+
+
+def _number(value: float | None, kind: type) -> str:
+    """A limit or default as an HTML attribute: ``5``, ``0.001``, ``1e-05`` (empty: none)."""
+    if value is None:
+        return ""
+    return str(int(value)) if kind is int else f"{value:g}"
 
 
 class TrainingJobs:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -10,7 +9,6 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import redis
@@ -19,8 +17,9 @@ from redis.typing import EncodableT, FieldT
 from ml.imaging import ImageError, decode_image
 from worker import metrics
 from worker.batcher import Batcher, BatchResult, NoModelAvailable
-from worker.client import FINAL_STATES, NO_MODEL_MESSAGE, Keys, WorkerInfo, as_text
+from worker.client import NO_MODEL_MESSAGE, Keys, WorkerInfo, as_text
 from worker.holder import ModelHolder
+from worker.records import FINAL_STATES, PredictionResult, Timings
 from worker.registry import ActiveVersion
 from worker.settings import Settings, get_settings
 
@@ -187,34 +186,34 @@ class WorkerRuntime:
         classifier = batch.classifier
         prediction = classifier.to_prediction(batch.probabilities)
         queued_ms = (started - float(created_at)) * 1000 if created_at else None
-        result: dict[str, Any] = {
-            "label": prediction.label,
-            "probabilities": prediction.probabilities,
-            "model_version": classifier.version,
-            "decision_threshold": classifier.decision_threshold,
-            "batch_size": batch.batch_size,
-            "timings_ms": {
-                "queue": round(queued_ms, 2) if queued_ms is not None else None,
-                "decode": round((t1 - t0) * 1000, 2),
-                "batch_wait": round(batch.waited_s * 1000, 2),
-                "model": round(batch.model_s * 1000, 2),
-                "worker_total": round((time.time() - started) * 1000, 2),
-            },
-        }
+        result = PredictionResult(
+            label=prediction.label,
+            probabilities=prediction.probabilities,
+            model_version=classifier.version,
+            decision_threshold=classifier.decision_threshold,
+            batch_size=batch.batch_size,
+            timings_ms=Timings(
+                queue=round(queued_ms, 2) if queued_ms is not None else None,
+                decode=round((t1 - t0) * 1000, 2),
+                batch_wait=round(batch.waited_s * 1000, 2),
+                model=round(batch.model_s * 1000, 2),
+                worker_total=round((time.time() - started) * 1000, 2),
+            ),
+        )
         self._finish(job_id, result=result)
 
     def _finish(
-        self, job_id: str, *, result: dict[str, Any] | None = None, error: str | None = None
+        self, job_id: str, *, result: PredictionResult | None = None, error: str | None = None
     ) -> None:
         status = "done" if error is None else "failed"
-        version = str(result["model_version"]) if result else "none"
+        version = str(result.model_version) if result else "none"
         metrics.PREDICTIONS.labels(model_version=version, status=status).inc()
         fields: dict[FieldT, EncodableT] = {
             "status": status,
             "finished_at": time.time(),
         }
         if result is not None:
-            fields["result"] = json.dumps(result)
+            fields["result"] = result.to_json()
         if error is not None:
             fields["error"] = error
         pipe = self.redis.pipeline(transaction=True)

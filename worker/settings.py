@@ -1,4 +1,8 @@
-"""Typed settings for every cxr process, read from ``CXR_*`` environment variables in one place."""
+"""Typed settings for every cxr process, read from ``CXR_*`` environment variables in one place.
+
+:class:`Settings` configures the service (web, workers, trainer); :class:`ClientSettings` the
+``cxr`` command line. No other module reads the environment (gunicorn's own config file aside).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIN_ADMIN_TOKEN_LENGTH = 16
@@ -138,6 +142,34 @@ class Settings(BaseSettings):
                 "print(secrets.token_urlsafe(32))'`"
             )
         return value
+
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+
+
+class ClientSettings(BaseSettings):
+    """What the ``cxr`` command line reads from the environment: its defaults for flags.
+
+    Read afresh for every command (no cache). The token is not checked here: the service
+    judges it, and a wrong one is answered 401.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CXR_", extra="ignore")
+
+    model_dir: Path = Field(default=Path("models"), description="Folder of model versions.")
+    api_url: str = Field(default=DEFAULT_API_URL, description="Base URL of the cxr web service.")
+    admin_token: str | None = Field(default=None, description="Admin API token.")
+    actor: str | None = Field(default=None, description="Name recorded in the audit log.")
+    user: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("USER"),
+        description="The login name: the actor when CXR_ACTOR is unset or empty.",
+    )
+
+    @property
+    def who(self) -> str | None:
+        """The actor to record: ``$CXR_ACTOR``, else ``$USER``."""
+        return self.actor or self.user
 
 
 @lru_cache(maxsize=1)

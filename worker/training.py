@@ -1,6 +1,7 @@
 """The fine-tuning task, run by the trainer worker only (queue ``training``, concurrency 1).
 
-dataset → :func:`ml.training.train` → a new registry version → the promotion policy. Progress is
+dataset → :func:`ml.training.train` → a new registry version → :func:`ml.promotion.decide`
+(the active version re-scored on the run's own test split). Progress is
 written to the job's Redis hash after every epoch and every few seconds during one; cancellation
 is checked at every batch. A cancelled or failed job publishes nothing and leaves the active
 version alone; a redelivered job whose version was already published is marked done, never
@@ -24,7 +25,6 @@ from ml.versions import (
     VersionNotFoundError,
     find_version_by_job,
     load_model,
-    read_metadata,
     save_version,
 )
 from worker.app import TASK_TRAIN
@@ -34,7 +34,8 @@ from worker.registry import ActiveVersion, PointerError
 from worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
-    from ml.training import BatchReport, Dataset, EpochReport, TrainConfig
+    from ml.dataset import Dataset
+    from ml.progress import BatchReport, EpochReport
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ class JobFailed(Exception):
 class ProgressWriter:
     """Writes a job's ``progress`` field: the last finished epoch, or where the running one is.
 
-    After an epoch: the :class:`~ml.training.EpochReport` (``epoch`` = the finished one). During
-    one: the :class:`~ml.training.BatchReport` (``epoch`` = the running one, with ``batch`` and
+    After an epoch: the :class:`~ml.progress.EpochReport` (``epoch`` = the finished one). During
+    one: the :class:`~ml.progress.BatchReport` (``epoch`` = the running one, with ``batch`` and
     ``batches``) plus the metrics of the last finished epoch.
     """
 
@@ -106,7 +107,8 @@ class TrainingRunner:
                 "progress": json.dumps({"stage": "loading dataset"}),
             },
         )
-        from ml.training import DatasetError, TrainingCancelled
+        from ml.dataset import DatasetError
+        from ml.progress import TrainingCancelled
 
         try:
             request = TrainingRequest.model_validate(json.loads(as_text(params)))
@@ -127,7 +129,10 @@ class TrainingRunner:
             self._finish(job_id, "done", outcome=outcome)
 
     def _train(self, job_id: str, request: TrainingRequest) -> dict[str, Any]:
-        from ml.training import TrainConfig, TrainingCancelled, load_dataset, train
+        from ml.config import TrainConfig
+        from ml.dataset import load_dataset
+        from ml.progress import TrainingCancelled
+        from ml.training import train
 
         base_model = None
         parent: int | None = None
@@ -150,8 +155,9 @@ class TrainingRunner:
                 raise JobFailed(f"weights file {request.base!r} not found in CXR_DATA_DIR")
             base_weights = os.fspath(path)
             base_label = request.base
-        # The request's knobs carry TrainConfig's names; only the base is resolved here.
-        knobs = request.model_dump(exclude={"dataset", "base", "promotion"})
+        # The request's knobs are TrainConfig's own (ml.config declares both); only the base is
+        # resolved here.
+        knobs = request.knobs()
         config = TrainConfig.from_dict(
             knobs | {"input_size": input_size, "base_weights": base_weights}
         )
@@ -185,9 +191,9 @@ class TrainingRunner:
             job_id=job_id,
             decision_threshold=result.decision_threshold,
         )
-        promotion = self._apply_policy(
-            job_id, request.promotion or "if_better", metadata.version, result.evaluation, config,
-            root,
+        promotion = self._promote(
+            job_id, request.promotion or "if_better", metadata.version, result.evaluation,
+            dataset, root,
         )  # fmt: skip
         return {
             "version": metadata.version,
@@ -197,59 +203,26 @@ class TrainingRunner:
             "promotion": promotion,
         }
 
-    def _apply_policy(
+    def _promote(
         self,
         job_id: str,
         policy: str,
         version: int,
         evaluation: dict[str, Any],
-        config: TrainConfig,
+        dataset: Dataset,
         root: os.PathLike[str],
     ) -> dict[str, Any]:
-        metric = self.settings.promotion_metric
+        """Apply the promotion rule to the new version and move the pointer if it says so."""
+        from ml.promotion import decide, needs_active_score, score_version
+
         active = self.active.get()
-        decision: dict[str, Any] = {
-            "policy": policy,
-            "metric": metric,
-            "candidate": evaluation.get(metric),
-            "active_version": active,
-            "active": None,
-        }
-        actor = f"training job {job_id}"
-        if policy == "never":
-            return decision | {"promoted": False, "reason": "policy 'never': promote by hand"}
-        if policy == "always" or active is None:
-            why = "policy 'always'" if policy == "always" else "no version was active"
-            self.active.set(version, actor=actor, reason=why)
-            return decision | {"promoted": True, "reason": why}
-        compared = self._score_active(active, config, root)
-        if compared is None:
-            why = f"version {active} cannot be scored on this dataset (other classes)"
-            return decision | {"promoted": False, "reason": why}
-        current = decision["active"] = compared.get(metric)
-        candidate = decision["candidate"]
-        if candidate is not None and (current is None or candidate >= current):
-            why = f"{metric} {candidate} >= {current} of version {active} on the same test split"
-            self.active.set(version, actor=actor, reason=why)
-            return decision | {"promoted": True, "reason": why}
-        why = f"{metric} {candidate} < {current} of version {active}: kept as a candidate"
-        return decision | {"promoted": False, "reason": why}
-
-    def _score_active(
-        self, active: int, config: TrainConfig, root: os.PathLike[str]
-    ) -> dict[str, Any] | None:
-        """The active version's evaluation on the same test split as the candidate's."""
-        from ml.training import evaluate_model, load_dataset
-
-        meta = read_metadata(self.settings.model_dir, active)
-        data: Dataset = load_dataset(root, dataclasses.replace(config, input_size=meta.input_size))
-        if data.class_names != meta.class_names:
-            return None
-        model = load_model(self.settings.model_dir, active)
-        # Each version as it is served: at its own decision threshold.
-        return evaluate_model(
-            model, data.x_test, data.y_test, data.class_names, threshold=meta.decision_threshold
-        )
+        scores = None
+        if active is not None and needs_active_score(policy, active):
+            scores = score_version(self.settings.model_dir, active, dataset, root)
+        decision = decide(policy, self.settings.promotion_metric, evaluation, active, scores)
+        if decision["promoted"]:
+            self.active.set(version, actor=f"training job {job_id}", reason=decision["reason"])
+        return decision
 
     def _cancel_check(self, job_id: str) -> Any:
         key = self.keys.training_job(job_id)

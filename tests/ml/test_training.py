@@ -22,22 +22,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml import training
+from cli.train import main
+from ml import progress
+from ml.config import TrainConfig
+from ml.dataset import Dataset, DatasetError, load_dataset
 from ml.model import build_classifier
-from ml.training import (
-    BatchReport,
-    Dataset,
-    DatasetError,
-    EpochReport,
-    TrainConfig,
-    TrainingCancelled,
-    TrainResult,
-    balanced_class_weights,
-    load_dataset,
-    main,
-    set_trainable_blocks,
-    train,
-)
+from ml.progress import BatchReport, EpochReport, TrainingCancelled
+from ml.training import TrainResult, balanced_class_weights, set_trainable_blocks, train
 
 TWO = ("NORMAL", "PNEUMONIA")
 THREE = ("COVID19", "NORMAL", "PNEUMONIA")
@@ -121,7 +112,7 @@ def tiny_run(
     """One tiny two-phase training run shared by several tests."""
     reports: list[EpochReport] = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training, "BATCH_REPORT_SECONDS", 0.0)
+        mp.setattr(progress, "BATCH_REPORT_SECONDS", 0.0)
         result = train(
             TINY, tiny_dataset, on_epoch=reports.append, on_batch=tiny_batch_reports.append
         )

@@ -1,4 +1,4 @@
-"""Tests of the ``cxr`` command, run in-process through ``ml.cli.main``."""
+"""Tests of the ``cxr`` command, run in-process through ``cli.main.main``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ml.cli import main
+from cli.main import main
 from ml.versions import latest_version, list_versions, read_metadata
 from tests.conftest import CLASSES, TINY_SIZE
 from tests.ml.test_training import make_dataset

@@ -16,7 +16,7 @@ import pytest
 import redis
 from werkzeug.serving import BaseWSGIServer, make_server
 
-from ml.cli import main
+from cli.main import main
 from ml.model import build_classifier
 from ml.versions import list_versions, read_active_file, read_metadata
 from tests.conftest import CLASSES, EVALUATION, TINY_SIZE, free_port, make_settings
@@ -252,7 +252,7 @@ def test_train_wait_follows_the_job(
         (job_id,) = redis_client.zrange(keys.training_index(), 0, -1)
         redis_client.hset(keys.training_job(job_id.decode()), mapping=next(states))
 
-    monkeypatch.setattr("ml.cli.time", SimpleNamespace(sleep=trainer_step))
+    monkeypatch.setattr("cli.admin.time", SimpleNamespace(sleep=trainer_step))
     code, out, err = cxr(capsys, url, "train", "--wait", "--poll-seconds", "0.05")
     assert code == 0, err
     job_id, *lines = out.strip().splitlines()
@@ -280,7 +280,7 @@ def test_train_wait_exits_1_when_the_job_fails(
         failed = {"status": "failed", "error": "dataset 'x' not found"}
         redis_client.hset(keys.training_job(job_id.decode()), mapping=failed)
 
-    monkeypatch.setattr("ml.cli.time", SimpleNamespace(sleep=trainer_step))
+    monkeypatch.setattr("cli.admin.time", SimpleNamespace(sleep=trainer_step))
     code, out, _ = cxr(capsys, live[0], "train", "--dataset", "x", "--wait")
     assert code == 1
     assert out.strip().splitlines()[-1] == "failed: dataset 'x' not found"

@@ -1,0 +1,78 @@
+"""What a benchmark run varies: model configs, request shapes, targets and constants."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bench.stack import (
+    ROOT,
+    ModelKind,
+)
+
+RESULTS = ROOT / "bench" / "results"
+WAIT_SECONDS = 20  # ?wait= of the status request (the API's maximum)
+HTTP_TIMEOUT = 60.0
+CLIENT_BOUND_CORES = 0.85  # one GIL-bound Python process cannot use much more than one core
+TARGET_MODEL_BOUND_RATIO = 0.95
+TARGET_BATCHING_GAIN = 2.0
+TARGET_STANDIN_RATE = 500.0
+TARGET_OVERHEAD_MS = 10.0
+BATCH_DELAY_MS = 5.0  # CXR_BATCH_MAX_DELAY_MS with batching on (and off, where it is moot)
+
+Json = dict[str, Any]
+
+
+# --- configurations -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Shape:
+    """How many processes serve: everything about a stack but the model and batching."""
+
+    label: str = "1 worker, 2 web"
+    worker_processes: int = 1
+    web_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One model to benchmark and how to load it."""
+
+    name: str
+    kind: ModelKind
+    input_size: int
+    batch_max: int  # CXR_BATCH_MAX_SIZE with batching on; also the threads pool's concurrency
+    levels: tuple[int, ...]  # client concurrency levels
+    ramp_s: float  # measured window starts this long after the clients do
+    warmup_s: float  # per stack, before the first level, at the highest concurrency
+    extra_shapes: tuple[Shape, ...] = ()  # also run with batching on at the top levels
+    extra_levels: tuple[int, ...] = ()
+
+    @property
+    def description(self) -> str:
+        """Human name of the model."""
+        model = "VGG16" if self.kind == "vgg16" else "stand-in (pooling+dense)"
+        return f"{model} @ {self.input_size} px"
+
+
+DEFAULT_SHAPE = Shape()
+
+
+def model_configs(quick: bool) -> list[ModelConfig]:
+    """The three configs; smaller levels and no extra shapes for a quick run."""
+    if quick:
+        return [
+            ModelConfig("vgg224", "vgg16", 224, 32, (1, 8), ramp_s=1.0, warmup_s=2.0),
+            ModelConfig("vgg32", "vgg16", 32, 32, (1, 16), ramp_s=0.5, warmup_s=1.0),
+            ModelConfig("standin", "standin", 224, 32, (1, 16), ramp_s=0.5, warmup_s=1.0),
+        ]
+    return [
+        ModelConfig("vgg224", "vgg16", 224, 32, (1, 4, 16, 32), ramp_s=3.0, warmup_s=6.0),
+        ModelConfig("vgg32", "vgg16", 32, 32, (1, 4, 16, 32), ramp_s=1.0, warmup_s=3.0),
+        ModelConfig(
+            "standin", "standin", 224, 32, (1, 4, 16, 32, 64), ramp_s=1.0, warmup_s=3.0,
+            extra_shapes=(Shape("2 workers, 2 web", 2, 2), Shape("1 worker, 4 web", 1, 4)),
+            extra_levels=(32, 64),
+        ),
+    ]  # fmt: skip

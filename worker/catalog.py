@@ -1,0 +1,80 @@
+"""The model registry's versions as the admin API shows them: list rows, details, curves.
+
+TF-free: metadata, evaluations and curves are read from ``MODEL_DIR`` with :mod:`ml.versions`'s
+readers (JSON and files only), so the web process reaches the registry through here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ml.versions import (
+    VersionNotFoundError,
+    curves_path,
+    has_version,
+    list_versions,
+    read_evaluation,
+    read_metadata,
+)
+
+__all__ = ["ModelCatalog", "VersionNotFoundError"]
+
+log = logging.getLogger(__name__)
+
+SUMMARY_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+
+class ModelCatalog:
+    """Reads the versions of one model folder for display."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+
+    def versions(self) -> list[int]:
+        """Every version number, newest first."""
+        return sorted(list_versions(self.model_dir), reverse=True)
+
+    def has(self, version: int) -> bool:
+        """Whether ``version`` exists."""
+        return has_version(self.model_dir, version)
+
+    def curves(self, version: int) -> Path | None:
+        """The training curves PNG of ``version``, if it exists and has one."""
+        return curves_path(self.model_dir, version) if self.has(version) else None
+
+    def summary(self, version: int, active: int | None) -> dict[str, Any] | None:
+        """One row of the versions list, or ``None`` when the version cannot be read."""
+        try:
+            meta = read_metadata(self.model_dir, version)
+        except (VersionNotFoundError, OSError, ValueError, TypeError) as exc:
+            # A half-deleted or hand-edited folder should not take the whole list down.
+            log.warning("skipping model version %s: %s", version, exc)
+            return None
+        return {
+            "version": meta.version,
+            "created_at": meta.created_at,
+            "parent_version": meta.parent_version,
+            "base_weights": meta.base_weights,
+            "input_size": meta.input_size,
+            "class_names": meta.class_names,
+            "metrics": {k: meta.metrics[k] for k in SUMMARY_METRICS if k in meta.metrics},
+            "training_seconds": meta.training_seconds,
+            "job_id": meta.job_id,
+            "decision_threshold": meta.decision_threshold,
+            "active": version == active,
+            "has_curves": curves_path(self.model_dir, version) is not None,
+        }
+
+    def detail(self, version: int) -> dict[str, Any]:
+        """Everything known about one version, with its evaluation (``active`` is the caller's).
+
+        Raises:
+            VersionNotFoundError: there is no such version.
+            OSError, ValueError, TypeError: its metadata cannot be read.
+        """
+        doc = read_metadata(self.model_dir, version).to_dict()
+        doc["evaluation"] = read_evaluation(self.model_dir, version)
+        doc["has_curves"] = curves_path(self.model_dir, version) is not None
+        return doc
