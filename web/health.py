@@ -37,6 +37,8 @@ def readyz() -> tuple[Response, int]:
                     "name": w.name,
                     "state": w.state,
                     "model_version": w.model_version,
+                    "precision": w.precision,
+                    "hardware": w.hardware,
                     "error": w.error,
                 }
                 for w in workers

@@ -131,6 +131,8 @@ class WorkerInfo:
     error: str | None
     updated_at: float
     loaded_at: float | None = None  # when the served version finished loading
+    precision: str | None = None  # what it computes in (known once the first load began)
+    hardware: dict[str, Any] | None = None  # what chose it: CPU model, bf16 flags, GPUs
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> WorkerInfo:
@@ -145,6 +147,8 @@ class WorkerInfo:
             error=data.get("error"),
             updated_at=float(data.get("updated_at", 0.0)),
             loaded_at=data.get("loaded_at"),
+            precision=data.get("precision"),
+            hardware=data.get("hardware"),
         )
 
     def to_json(self) -> str:

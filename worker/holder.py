@@ -76,6 +76,7 @@ class ModelHolder:
                     self.hardware = detect_hardware()
                     self.precision = choose_precision(self.requested_precision, self.hardware)
                     log.info("computing in %s on %s", self.precision, self.hardware)
+                    metrics.PRECISION.labels(precision=self.precision).set(1)
                 classifier = load_classifier(self.model_dir, wanted, precision=self.precision)
                 classifier.warm_up()
             except Exception as exc:

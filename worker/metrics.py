@@ -53,6 +53,13 @@ MODEL_VERSION = Gauge(
     multiprocess_mode="liveall",
 )
 
+PRECISION = Gauge(
+    "cxr_worker_precision",
+    "1 for the precision each worker process computes in (float32, bfloat16, float16).",
+    ["precision"],
+    multiprocess_mode="liveall",
+)
+
 
 def serve(port: int, addr: str) -> None:
     """Serve the metrics of this worker's processes on ``addr:port`` (port 0: do nothing)."""

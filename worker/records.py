@@ -40,6 +40,7 @@ class PredictionResult:
     decision_threshold: float | None
     batch_size: int
     timings_ms: Timings
+    precision: str = "float32"  # what the model computed in; the probabilities are float32
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-native form (the API's ``result`` object)."""
@@ -61,6 +62,7 @@ class PredictionResult:
             decision_threshold=data.get("decision_threshold"),
             batch_size=data["batch_size"],
             timings_ms=Timings(**fields),
+            precision=data.get("precision", "float32"),
         )
 
     @classmethod

@@ -83,6 +83,8 @@ class WorkerRuntime:
             error=self.holder.error,
             updated_at=time.time(),
             loaded_at=self.holder.loaded_at,
+            precision=self.holder.precision,
+            hardware=self.holder.hardware.to_dict() if self.holder.hardware else None,
         )
         ttl = max(2, math.ceil(self.settings.worker_heartbeat_seconds * 3))
         key = self.keys.worker(self.name)
@@ -199,6 +201,7 @@ class WorkerRuntime:
                 model=round(batch.model_s * 1000, 2),
                 worker_total=round((time.time() - started) * 1000, 2),
             ),
+            precision=classifier.precision,
         )
         self._finish(job_id, result=result)
 

@@ -31,6 +31,10 @@ def test_readyz_reports_the_serving_version(web_url: str) -> None:
     doc = requests.get(f"{web_url}/readyz", timeout=5).json()
     assert doc["serving"] is True and doc["model_versions"] == [1]
     assert all(w["state"] == "serving" for w in doc["workers"])
+    # Issue 9: each process says what it computes in and what chose it.
+    for w in doc["workers"]:
+        assert w["precision"] in ("float32", "bfloat16", "float16")
+        assert w["hardware"]["cpu_model"] and isinstance(w["hardware"]["cpu_bf16_flags"], list)
 
 
 @pytest.mark.skipif(DATA_DIR is None, reason="CXR_TEST_DATA_DIR is not set (.ci/run sets it)")
@@ -52,6 +56,7 @@ def test_real_xrays_through_the_json_api(web_url: str) -> None:
         assert result["label"] in CLASSES
         assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
         assert result["model_version"] == 1
+        assert result["precision"] in ("float32", "bfloat16", "float16")
 
 
 @pytest.mark.skipif(DATA_DIR is None, reason="CXR_TEST_DATA_DIR is not set (.ci/run sets it)")

@@ -38,7 +38,14 @@ def test_readyz_with_a_serving_worker(
     assert body["serving"] is True
     assert body["model_versions"] == [1]
     assert body["workers"] == [
-        {"name": "fake:1", "state": "serving", "model_version": 1, "error": None}
+        {
+            "name": "fake:1",
+            "state": "serving",
+            "model_version": 1,
+            "precision": None,
+            "hardware": None,
+            "error": None,
+        }
     ]
 
 

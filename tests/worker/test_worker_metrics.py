@@ -29,8 +29,15 @@ def test_worker_metrics_after_known_predictions(
     redis_url: str, tiny_model_dir: Path, tmp_path: Path, pool: str
 ) -> None:
     port = free_port()
+    # Each pool also forces a precision: the metric, the heartbeat and every result name it.
+    precision = "bfloat16" if pool == "threads" else "float32"
     settings = make_settings(
-        redis_url, tiny_model_dir, worker_metrics_port=port, batch_max_size=4, batch_max_delay_ms=50
+        redis_url,
+        tiny_model_dir,
+        worker_metrics_port=port,
+        batch_max_size=4,
+        batch_max_delay_ms=50,
+        precision=precision,
     )
     concurrency = 4 if pool == "threads" else 2
     worker = start_worker(settings, tmp_path, concurrency=concurrency, pool=pool, name=pool)
@@ -43,6 +50,9 @@ def test_worker_metrics_after_known_predictions(
                 lambda j=job_id: job_status(settings, j)["status"] in ("done", "failed"), 60, "job"
             )
         text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        assert {beat["precision"] for beat in worker.heartbeats()} == {precision}
+        results = [job_status(settings, j)["result"] for j in ids]
+        assert {r["precision"] for r in results} == {precision}
     finally:
         worker.stop()
     values = samples(text)
@@ -54,3 +64,4 @@ def test_worker_metrics_after_known_predictions(
     assert values[("cxr_model_batch_seconds_count", ())] == batches
     assert values[("cxr_model_loads_total", (("result", "success"),))] >= 1
     assert values[("cxr_model_version_served", ())] >= 1
+    assert values[("cxr_worker_precision", (("precision", precision),))] >= 1
