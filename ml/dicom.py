@@ -40,6 +40,7 @@ import numpy.typing as npt
 import pydicom
 import pydicom.config
 import pydicom.uid as dicom_uid
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
 from pydicom.pixels import pixel_array as dicom_pixel_array
@@ -102,6 +103,8 @@ _RAW_DATASET_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 logging.getLogger("pydicom").propagate = False
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+_LONGEST_ELEMENT_HEADER = 12  # explicit VR with a 4-byte length: tag 4, VR 2, reserved 2, length 4
 _MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR"})
 
@@ -162,11 +165,13 @@ class NotDicomError(CorruptImageError):
 def _read(data: bytes, *, raw: bool) -> Dataset:
     """Parse the whole dataset (pixel data included, still encoded)."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        # Touch every element now, so that damage anywhere surfaces here as a read error rather
-        # than later inside pixel handling (pydicom converts values lazily).
-        for _element in ds.iterall():
-            pass
+        # Strict while parsing the structure, so that a file cut short anywhere raises instead
+        # of being read as a shorter dataset (pydicom's lenient default). Element values are
+        # converted later, on access, with validation off: only the pixel module and Modality
+        # are ever read, and the identifying tags are never touched.
+        with pydicom.config.strict_reading():
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        cut_short = len(ds) > 0 and _is_cut_short(ds, len(data))
     # pydicom raises a wide range of exceptions on damaged input (EOFError, struct.error,
     # ValueError, KeyError, IndexError, TypeError, NotImplementedError, OverflowError, ...) and
     # does not promise which; any of them means "this file cannot be read". The message never
@@ -178,9 +183,32 @@ def _read(data: bytes, *, raw: bool) -> Dataset:
             "the data starts like a DICOM file but it is malformed or truncated and cannot be "
             f"read ({type(exc).__name__})"
         ) from exc
-    if raw and not ("PixelData" in ds and "Rows" in ds and "Columns" in ds):
-        raise NotDicomError("not a DICOM image")
+    if cut_short:
+        # pydicom reads a value cut short by the end of the data without complaint.
+        raise CorruptImageError("the DICOM file is truncated: its last element is cut short")
+    if raw:
+        if not ("PixelData" in ds and "Rows" in ds and "Columns" in ds):
+            raise NotDicomError("not a DICOM image")
+    elif not ds.file_meta.get("TransferSyntaxUID") or len(ds) == 0:
+        # "DICM" must be followed by the file meta group, which names the transfer syntax.
+        raise CorruptImageError(
+            "the data starts like a DICOM file but its header is malformed (no file meta "
+            "information with a transfer syntax)"
+        )
     return ds
+
+
+def _is_cut_short(ds: Dataset, size: int) -> bool:
+    """Whether the data ends inside the dataset's last top-level element or its successor's header.
+
+    pydicom stops without complaint at a value cut short (it keeps the bytes there are) and at a
+    partial element header (fewer bytes than a header needs are taken as the end of the data).
+    """
+    last: Any = ds.get_item(max(ds.keys()))
+    if not isinstance(last, RawDataElement) or last.length == _UNDEFINED_LENGTH:
+        return False
+    end = int(last.value_tell) + int(last.length)
+    return end > size or 0 < size - end < _LONGEST_ELEMENT_HEADER
 
 
 def _check_modality(ds: Dataset) -> None:
@@ -197,6 +225,10 @@ def _check_modality(ds: Dataset) -> None:
 
 def _check_pixel_module(ds: Dataset, max_pixels: int) -> None:
     """Refuse, from the header alone, what cannot or must not be decoded."""
+    if "PixelData" not in ds and "Rows" in ds and "Columns" in ds:
+        raise CorruptImageError(
+            "the DICOM describes an image but has no pixel data: the file is truncated"
+        )
     if "PixelData" not in ds:
         other = "FloatPixelData" in ds or "DoubleFloatPixelData" in ds
         raise UnsupportedImageError(
