@@ -42,7 +42,13 @@ import pydicom.config
 import pydicom.uid as dicom_uid
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    apply_voi_lut,
+    get_decoder,
+)
 from pydicom.pixels import pixel_array as dicom_pixel_array
 
 from ml.imaging import (
@@ -104,6 +110,12 @@ logging.getLogger("pydicom").propagate = False
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 _UNDEFINED_LENGTH = 0xFFFFFFFF
+_SEQUENCE_DELIMITER_LE = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # (FFFE,E0DD), length 0
+_SEQUENCE_DELIMITER_BE = b"\xff\xfe\xe0\xdd\x00\x00\x00\x00"
+# JPEG frames go through Pillow first, as PNG/JPEG uploads do, so that a JPEG wrapped in a DICOM
+# decodes to exactly the pixels of the same JPEG uploaded as a file (libjpeg's IDCT differs by
+# +-1); other plugins are the fallback (e.g. 12-bit JPEG, which Pillow cannot decode).
+_PREFERRED_PLUGIN = {dicom_uid.JPEGBaseline8Bit: "pillow", dicom_uid.JPEGExtended12Bit: "pillow"}
 _LONGEST_ELEMENT_HEADER = 12  # explicit VR with a 4-byte length: tag 4, VR 2, reserved 2, length 4
 _MONOCHROME = frozenset({"MONOCHROME1", "MONOCHROME2"})
 _COLOUR = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_ICT", "YBR_RCT", "PALETTE COLOR"})
@@ -171,7 +183,7 @@ def _read(data: bytes, *, raw: bool) -> Dataset:
         # are ever read, and the identifying tags are never touched.
         with pydicom.config.strict_reading():
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        cut_short = len(ds) > 0 and _is_cut_short(ds, len(data))
+        cut_short = len(ds) > 0 and _is_cut_short(ds, data)
     # pydicom raises a wide range of exceptions on damaged input (EOFError, struct.error,
     # ValueError, KeyError, IndexError, TypeError, NotImplementedError, OverflowError, ...) and
     # does not promise which; any of them means "this file cannot be read". The message never
@@ -183,13 +195,12 @@ def _read(data: bytes, *, raw: bool) -> Dataset:
             "the data starts like a DICOM file but it is malformed or truncated and cannot be "
             f"read ({type(exc).__name__})"
         ) from exc
+    if raw and not ("PixelData" in ds and "Rows" in ds and "Columns" in ds):
+        raise NotDicomError("not a DICOM image")
     if cut_short:
         # pydicom reads a value cut short by the end of the data without complaint.
         raise CorruptImageError("the DICOM file is truncated: its last element is cut short")
-    if raw:
-        if not ("PixelData" in ds and "Rows" in ds and "Columns" in ds):
-            raise NotDicomError("not a DICOM image")
-    elif not ds.file_meta.get("TransferSyntaxUID") or len(ds) == 0:
+    if not raw and (not ds.file_meta.get("TransferSyntaxUID") or len(ds) == 0):
         # "DICM" must be followed by the file meta group, which names the transfer syntax.
         raise CorruptImageError(
             "the data starts like a DICOM file but its header is malformed (no file meta "
@@ -198,16 +209,25 @@ def _read(data: bytes, *, raw: bool) -> Dataset:
     return ds
 
 
-def _is_cut_short(ds: Dataset, size: int) -> bool:
+def _is_cut_short(ds: Dataset, data: bytes) -> bool:
     """Whether the data ends inside the dataset's last top-level element or its successor's header.
 
     pydicom stops without complaint at a value cut short (it keeps the bytes there are) and at a
-    partial element header (fewer bytes than a header needs are taken as the end of the data).
+    partial element header (fewer bytes than a header needs are taken as the end of the data),
+    and it decodes encapsulated pixel data whose end is missing as far as it goes.
     """
     last: Any = ds.get_item(max(ds.keys()))
-    if not isinstance(last, RawDataElement) or last.length == _UNDEFINED_LENGTH:
+    if not isinstance(last, RawDataElement):
         return False
+    if last.length == _UNDEFINED_LENGTH:
+        # Encapsulated pixel data (or a sequence) ends with a sequence delimitation item.
+        start = int(last.value_tell)
+        return (
+            data.rfind(_SEQUENCE_DELIMITER_LE, start) < 0
+            and data.rfind(_SEQUENCE_DELIMITER_BE, start) < 0
+        )
     end = int(last.value_tell) + int(last.length)
+    size = len(data)
     return end > size or 0 < size - end < _LONGEST_ELEMENT_HEADER
 
 
@@ -304,7 +324,13 @@ def _transfer_syntax(ds: Dataset) -> dicom_uid.UID:
 def _first_frame(ds: Dataset) -> npt.NDArray[Any]:
     """Decode only the first frame: (rows, columns) or (rows, columns, samples)."""
     try:
-        frame = dicom_pixel_array(ds, index=0)
+        plugin = _PREFERRED_PLUGIN.get(ds.file_meta.TransferSyntaxUID)
+        frame = None
+        if plugin is not None:
+            with contextlib.suppress(Exception):
+                frame = dicom_pixel_array(ds, index=0, decoding_plugin=plugin)
+        if frame is None:
+            frame = dicom_pixel_array(ds, index=0)
     # As in _read: decoders (numpy reshapes, Pillow, libjpeg) raise many exception types on
     # damaged or truncated pixel data.
     except Exception as exc:
@@ -366,7 +392,10 @@ def _voi_output_to_uint8(
 ) -> npt.NDArray[np.uint8]:
     """Map the VOI stage's output range (not the image's own range) linearly onto 0..255."""
     if from_lut:
-        table = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64)
+        # The whole table as pydicom reads it (LUT Data may be US or OW, either endianness).
+        entries, first = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
+        domain = np.arange(first, first + (entries or 1 << 16), dtype=np.int64)
+        table = apply_voi(domain, ds, index=0)
         low, high = float(table.min()), float(table.max())
     else:
         low, high = _window_output_range(ds)

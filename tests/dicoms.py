@@ -50,8 +50,8 @@ def dicom_bytes(
     if voi_lut is not None:
         first, bits, table = voi_lut
         item = Dataset()
-        item.LUTDescriptor = [len(table), first, bits]
-        item.LUTData = list(table)
+        item.add_new("LUTDescriptor", "US", [len(table), first, bits])
+        item.add_new("LUTData", "OW", np.asarray(table, dtype="<u2").tobytes())
         ds.VOILUTSequence = [item]
     if rescale is not None:
         ds.RescaleSlope, ds.RescaleIntercept = rescale
@@ -140,7 +140,9 @@ def jpeg_lossless_frame(pixels: npt.NDArray[Any], precision: int) -> bytes:
     def segment(marker: int, body: bytes) -> bytes:
         return bytes([0xFF, marker]) + (len(body) + 2).to_bytes(2, "big") + body
 
-    sof = bytes([precision]) + rows.to_bytes(2, "big") + cols.to_bytes(2, "big") + b"\x01\x01\x11\x00"
+    sof = (
+        bytes([precision]) + rows.to_bytes(2, "big") + cols.to_bytes(2, "big") + b"\x01\x01\x11\x00"
+    )
     counts = bytes([0, 0, 0, 0, 17] + [0] * 11)
     dht = b"\x00" + counts + bytes(range(17))
     sos = b"\x01\x01\x00" + bytes([1, 0, 0])  # predictor 1, Se 0, point transform 0
