@@ -63,8 +63,10 @@ __all__ = [
     "ACCEPTED_MODALITIES",
     "SUPPORTED_TRANSFER_SYNTAXES",
     "DicomPixels",
+    "NotDicomError",
     "decode_dicom",
     "looks_like_dicom",
+    "may_be_raw_dataset",
 ]
 
 ACCEPTED_MODALITIES: frozenset[str] = frozenset({"CR", "DX", "DR", "RG"})
@@ -177,12 +179,10 @@ class NotDicomError(CorruptImageError):
 def _read(data: bytes, *, raw: bool) -> Dataset:
     """Parse the whole dataset (pixel data included, still encoded)."""
     try:
-        # Strict while parsing the structure, so that a file cut short anywhere raises instead
-        # of being read as a shorter dataset (pydicom's lenient default). Element values are
-        # converted later, on access, with validation off: only the pixel module and Modality
-        # are ever read, and the identifying tags are never touched.
-        with pydicom.config.strict_reading():
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        # Element values are converted later, on access: only the pixel module and Modality are
+        # ever read, and the identifying tags are never touched. (pydicom's strict_reading() is
+        # not used: it flips a process-wide setting, and the web decodes in several threads.)
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
         cut_short = len(ds) > 0 and _is_cut_short(ds, data)
     # pydicom raises a wide range of exceptions on damaged input (EOFError, struct.error,
     # ValueError, KeyError, IndexError, TypeError, NotImplementedError, OverflowError, ...) and
@@ -233,7 +233,12 @@ def _is_cut_short(ds: Dataset, data: bytes) -> bool:
 
 def _check_modality(ds: Dataset) -> None:
     """Refuse anything but a projection X-ray (see :data:`ACCEPTED_MODALITIES`)."""
-    modality = str(ds.get("Modality") or "").strip().upper()
+    try:
+        modality = str(ds.get("Modality") or "").strip().upper()
+    except Exception as exc:  # a value pydicom cannot convert (e.g. a broken VR)
+        raise CorruptImageError(
+            f"the DICOM's Modality cannot be read ({type(exc).__name__})"
+        ) from exc
     if modality and modality not in ACCEPTED_MODALITIES:
         # The modality code is a defined term (CT, MR, ...), not patient data: safe to repeat.
         shown = modality if modality.isalnum() and len(modality) <= 16 else "unknown"
@@ -278,7 +283,8 @@ def _check_pixel_module(ds: Dataset, max_pixels: int) -> None:
             f"the image is {columns}x{rows} = {rows * columns:,} pixels, "
             f"above the limit of {max_pixels:,} pixels"
         )
-    if photometric not in _MONOCHROME | _COLOUR or (photometric in _MONOCHROME) != (samples == 1):
+    one_sample = photometric in _MONOCHROME or photometric == "PALETTE COLOR"
+    if photometric not in _MONOCHROME | _COLOUR or samples != (1 if one_sample else 3):
         raise UnsupportedImageError(
             f"DICOM images with photometric interpretation {photometric[:20]!r} and "
             f"{samples} samples per pixel are not supported; please upload a MONOCHROME1/2 "

@@ -265,7 +265,8 @@ def _dicom() -> types.ModuleType:
     """Return :mod:`ml.dicom`, imported on first use.
 
     It imports this module (for the error classes and the stretch), so a top-level import would
-    be circular; and pydicom costs ~0.2 s to import, which only processes that meet a DICOM pay.
+    be circular; and pydicom with its plugins costs a few tenths of a second to import, which
+    only processes that meet a DICOM pay.
     """
     import ml.dicom
 

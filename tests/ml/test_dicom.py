@@ -282,6 +282,21 @@ def test_rgb_is_reduced_to_luma_like_pillow() -> None:
     assert np.abs(decode(data).astype(int) - decode_image(frame, max_side=None)).max() <= 2
 
 
+def test_palette_colour_goes_through_its_palette_to_luma() -> None:
+    indices = RNG.integers(0, 256, (48, 64), dtype=np.uint8)
+    palette = RNG.integers(0, 65536, (3, 256), dtype=np.uint16)  # 16-bit entries
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(indices)))
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    for channel, values in zip(("Red", "Green", "Blue"), palette, strict=True):
+        ds.add_new(f"{channel}PaletteColorLookupTableDescriptor", "US", [256, 0, 16])
+        ds.add_new(f"{channel}PaletteColorLookupTableData", "OW", values.astype("<u2").tobytes())
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    rgb = (palette[:, indices] >> 8).astype(np.uint8).transpose(1, 2, 0)
+    expected = np.asarray(Image.fromarray(rgb).convert("L"))
+    np.testing.assert_array_equal(decode(buffer.getvalue()), expected)
+
+
 def test_large_dicom_is_bounded_like_any_upload() -> None:
     big = RNG.integers(0, 256, (1500, 2000), dtype=np.uint8)
     image = decode_upload(dicom_bytes(big))
