@@ -69,7 +69,7 @@ def add_local_commands(sub: Any) -> None:
     )
 
     predict = sub.add_parser("predict", help="classify local image files with a model version")
-    predict.add_argument("images", nargs="+", type=Path, help="PNG or JPEG files")
+    predict.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or DICOM files")
     predict.add_argument(
         "--version", type=int, help="model version (default: the active one, else the highest)"
     )

@@ -27,7 +27,7 @@ __all__ = ["Dataset", "DatasetError", "load_dataset", "x_test_at"]
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".dcm"})
 
 
 class DatasetError(ValueError):
@@ -72,7 +72,7 @@ def _class_folders(split_dir: Path) -> list[str]:
 
 
 def _image_files(class_dir: Path) -> list[Path]:
-    """Sorted visible PNG/JPEG files (by suffix) in ``class_dir``."""
+    """Sorted visible PNG/JPEG/DICOM (.dcm) files (by suffix) in ``class_dir``."""
     return sorted(
         p
         for p in class_dir.iterdir()
@@ -140,7 +140,7 @@ def _require_every_class(images: list[_Image], split: str, class_names: list[str
     if empty:
         raise DatasetError(
             f"class folder(s) {', '.join(f'{split}/{name}' for name in empty)} "
-            "contain no readable PNG/JPEG images"
+            "contain no readable PNG/JPEG/DICOM images"
         )
 
 

@@ -1,11 +1,12 @@
 """Image intake: uploaded bytes -> a validated 8-bit grayscale numpy array of bounded size.
 
-Only Pillow, numpy and the standard library are used here, because the web process imports this
-module to validate uploads and must never pull in TensorFlow.
+Only Pillow, numpy, pydicom (through :mod:`ml.dicom`) and the standard library are used here,
+because the web process imports this module to validate uploads and must never pull in TensorFlow.
 
 :func:`decode_image` accepts PNG and JPEG (including multi-picture "MPO" JPEGs from cameras, of
-which the first picture is used) and refuses everything else with an :class:`ImageError` subclass
-whose ``code`` is a short machine string and whose ``str()`` says why in plain words.
+which the first picture is used) and DICOM projection X-rays (CR/DX, recognised by their content
+under any file name; see :mod:`ml.dicom`), and refuses everything else with an :class:`ImageError`
+subclass whose ``code`` is a short machine string and whose ``str()`` says why in plain words.
 :func:`decode_image` also bounds the result's longer side to :data:`INTAKE_MAX_SIDE`, so what
 every later step holds and computes (Redis, the worker's decode, a reading view) does not grow with
 the file; :func:`encode_png` turns that array into the metadata-free PNG the web stores.
@@ -18,6 +19,7 @@ import contextlib
 import io
 import os
 import struct
+import types
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ __all__ = [
     "ImageError",
     "ImageTooLargeError",
     "UnsupportedImageError",
+    "UnsupportedModalityError",
     "INTAKE_MAX_SIDE",
     "bound_size",
     "DecodedImage",
@@ -43,6 +46,7 @@ __all__ = [
     "encode_png",
     "load_image_file",
     "sniff_format",
+    "stretch_to_uint8",
     "to_model_input",
 ]
 
@@ -105,9 +109,18 @@ class CorruptImageError(ImageError):
 
 
 class UnsupportedImageError(ImageError):
-    """A real image that is not a still PNG/JPEG, or whose pixel mode is not supported."""
+    """A real image that is not a still PNG/JPEG/DICOM, or whose pixel mode is not supported.
+
+    Also a DICOM file without pixel data or in a transfer syntax that is not supported.
+    """
 
     code = "unsupported_format"
+
+
+class UnsupportedModalityError(UnsupportedImageError):
+    """A DICOM image that is not a projection X-ray (e.g. a CT or MR slice)."""
+
+    code = "unsupported_modality"
 
 
 class ImageTooLargeError(ImageError):
@@ -165,7 +178,7 @@ class DecodedImage:
     height: int
     """Height of the image as uploaded, before any bound."""
     format: str
-    """"PNG" or "JPEG"."""
+    """"PNG", "JPEG" or "DICOM"."""
 
 
 def decode_image(
@@ -184,7 +197,12 @@ def decode_upload(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_side: int | None = INTAKE_MAX_SIDE,
 ) -> DecodedImage:
-    """Decode the still PNG/JPEG image in ``data`` to 8-bit grayscale, at most ``max_side`` wide.
+    """Decode the still PNG/JPEG or DICOM image in ``data`` to 8-bit grayscale, bounded.
+
+    DICOM is recognised by its content, not a file name: "DICM" after the 128-byte preamble, or a
+    preamble-less dataset that pydicom can read and that holds pixel data; it is decoded by
+    :func:`ml.dicom.decode_dicom` (first frame, modality and VOI LUT, MONOCHROME1 inverted) and
+    bounded like any other image.
 
     The result is a fresh, writeable, C-contiguous 2-D uint8 array of shape (height, width),
     upright according to the EXIF orientation tag. Colour is reduced to luma, transparent
@@ -202,6 +220,8 @@ def decode_upload(
         raise ValueError(f"max_pixels must be positive, got {max_pixels}")
     if not data:
         raise EmptyImageError("the upload is empty (0 bytes)")
+    if _dicom().looks_like_dicom(data):
+        return _decode_dicom_upload(data, max_pixels, max_side, raw=False)
 
     with _pillow_data_warnings_silenced():
         try:
@@ -212,6 +232,12 @@ def decode_upload(
                 f"the limit is {max_pixels:,} pixels"
             ) from exc
         except _PILLOW_DATA_ERRORS as exc:
+            if _dicom().may_be_raw_dataset(data):
+                # A DICOM dataset written without preamble and magic: only pydicom can tell.
+                try:
+                    return _decode_dicom_upload(data, max_pixels, max_side, raw=True)
+                except _dicom().NotDicomError:
+                    pass
             raise CorruptImageError(_unreadable_message(data)) from exc
 
         with image:
@@ -233,6 +259,27 @@ def decode_upload(
     height, width = gray.shape
     pixels = gray if max_side is None else bound_size(gray, max_side)
     return DecodedImage(pixels=pixels, width=int(width), height=int(height), format=fmt)
+
+
+def _dicom() -> types.ModuleType:
+    """Return :mod:`ml.dicom`, imported on first use.
+
+    It imports this module (for the error classes and the stretch), so a top-level import would
+    be circular; and pydicom with its plugins costs a few tenths of a second to import, which
+    only processes that meet a DICOM pay.
+    """
+    import ml.dicom
+
+    return ml.dicom
+
+
+def _decode_dicom_upload(
+    data: bytes, max_pixels: int, max_side: int | None, *, raw: bool
+) -> DecodedImage:
+    """:func:`decode_upload` for DICOM bytes."""
+    decoded = _dicom().decode_dicom(data, max_pixels=max_pixels, raw=raw)
+    pixels = decoded.pixels if max_side is None else bound_size(decoded.pixels, max_side)
+    return DecodedImage(pixels=pixels, width=decoded.width, height=decoded.height, format="DICOM")
 
 
 def load_image_file(
@@ -327,7 +374,10 @@ def _unreadable_message(data: bytes) -> str:
     signature_format = _format_from_signature(data)
     if signature_format is not None:
         return f"the data starts like a {signature_format} image but its header is damaged"
-    return "not a PNG or JPEG image: the data is not in any image format that can be recognised"
+    return (
+        "not a PNG or JPEG image (nor a DICOM file): the data is not in any image format that "
+        "can be recognised"
+    )
 
 
 def _check_header(image: Image.Image, max_pixels: int) -> None:
@@ -356,7 +406,7 @@ def _to_grayscale(image: Image.Image) -> npt.NDArray[np.uint8]:
     """Convert a loaded Pillow image of any supported mode to a fresh 2-D uint8 array."""
     mode = image.mode
     if mode in _HIGH_DEPTH_MODES:
-        return _stretch_to_uint8(np.asarray(image))
+        return stretch_to_uint8(np.asarray(image))
 
     has_transparency = image.info.get("transparency") is not None
     if mode in ("P", "PA"):
@@ -389,7 +439,7 @@ def _composite_over_black(image: Image.Image) -> Image.Image:
     return result
 
 
-def _stretch_to_uint8(values: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
+def stretch_to_uint8(values: npt.NDArray[np.generic]) -> npt.NDArray[np.uint8]:
     """Map ``values`` linearly from their own min..max onto 0..255 (constant input -> 0).
 
     Non-finite floats (NaN, infinities) are ignored for the range and become 0.

@@ -19,6 +19,7 @@ from worker.client import (
     NoModelError,
     QueueFullError,
     UnsupportedImageError,
+    UnsupportedModalityError,
 )
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
@@ -26,11 +27,12 @@ bp = Blueprint("api", __name__, url_prefix="/api/v1")
 # Longest a status request may be held open; below the Redis client's socket timeout.
 MAX_WAIT_SECONDS = 20.0
 
-# The HTTP status for each kind of refused upload.
+# The HTTP status for each kind of refused upload (the first class that matches wins).
 IMAGE_ERROR_STATUS: dict[type[ImageError], int] = {
     EmptyImageError: 400,
-    CorruptImageError: 400,
-    UnsupportedImageError: 415,
+    CorruptImageError: 400,  # also a malformed or truncated DICOM
+    UnsupportedModalityError: 415,  # a DICOM that is not a projection X-ray (CT, MR, ...)
+    UnsupportedImageError: 415,  # also a DICOM without pixel data or in an unsupported syntax
     ImageTooLargeError: 413,
 }
 

@@ -22,6 +22,7 @@ from ml.imaging import (
     ImageError,
     ImageTooLargeError,
     UnsupportedImageError,
+    UnsupportedModalityError,
     decode_upload,
     encode_png,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "PredictionClient",
     "QueueFullError",
     "UnsupportedImageError",
+    "UnsupportedModalityError",
     "WorkerInfo",
 ]
 
@@ -186,12 +188,13 @@ class PredictionClient:
         What is stored is not the file but its decoded grayscale pixels, scaled down to at most
         ``ml.imaging.INTAKE_MAX_SIDE`` and written as a PNG without metadata: Redis memory per
         queued upload and the worker's decode do not grow with the file, and no metadata of the
-        original travels on.
+        original travels on. For a DICOM that means no tag of the file (patient, study, dates)
+        is stored anywhere: only its pixels, its size and the upload's file name.
 
         Raises:
             QueueFullError: the queue holds ``max_queued_predictions`` already (checked first,
                 so a flood is shed before its images are decoded).
-            ImageError: the upload is not a usable PNG or JPEG (nothing is queued).
+            ImageError: the upload is not a usable PNG, JPEG or DICOM X-ray (nothing is queued).
             NoModelError: workers report that they have no model to serve.
         """
         limit = self.settings.max_queued_predictions

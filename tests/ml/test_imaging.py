@@ -278,7 +278,7 @@ def test_wide_integer_and_float_images_are_stretched(mode: str) -> None:
 
 def test_non_finite_float_pixels_become_zero() -> None:
     values = np.array([[np.nan, 1.0], [np.inf, 3.0]], dtype=np.float32)
-    np.testing.assert_array_equal(imaging._stretch_to_uint8(values), [[0, 0], [0, 255]])
+    np.testing.assert_array_equal(imaging.stretch_to_uint8(values), [[0, 0], [0, 255]])
 
 
 # --- refused uploads -------------------------------------------------------------------------

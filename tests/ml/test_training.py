@@ -29,6 +29,7 @@ from ml.dataset import Dataset, DatasetError, load_dataset
 from ml.model import build_classifier
 from ml.progress import BatchReport, EpochReport, TrainingCancelled
 from ml.training import TrainResult, balanced_class_weights, set_trainable_blocks, train
+from tests.dicoms import dicom_bytes
 
 TWO = ("NORMAL", "PNEUMONIA")
 THREE = ("COVID19", "NORMAL", "PNEUMONIA")
@@ -229,6 +230,21 @@ def test_non_image_files_and_hidden_folders_are_ignored(tmp_path: Path) -> None:
     ds = load_dataset(root, TrainConfig(input_size=32, base_weights=None, min_val_images=0))
     assert ds.class_names == list(TWO)
     assert ds.skipped == []
+
+
+def test_dicom_files_in_the_kaggle_layout_are_loaded_like_their_pngs(tmp_path: Path) -> None:
+    """Issue 10: the loader reads .dcm files through the same decoder as uploads."""
+    root = make_dataset(tmp_path / "ds")
+    config = TrainConfig(input_size=32, base_weights=None, min_val_images=0)
+    before = load_dataset(root, config)
+    for path in sorted(root.rglob("*.png")):
+        pixels = np.asarray(Image.open(path).convert("L"))
+        path.with_suffix(".dcm").write_bytes(dicom_bytes(pixels, modality="CR"))
+        path.unlink()
+    after = load_dataset(root, config)
+    assert after.skipped == []
+    assert len(after.y_train) == len(before.y_train) and len(after.y_test) == len(before.y_test)
+    np.testing.assert_array_equal(np.sort(after.x_train.ravel()), np.sort(before.x_train.ravel()))
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
