@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     names = (*TrainingOptions.model_fields, *LOCAL_KNOBS)
     add_options(parser, TrainConfig, names, with_defaults=True)
     parser.add_argument(
+        "--precision",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        default="auto",
+        help="what the training steps compute in: auto picks bfloat16 on CPUs with AMX or "
+        "AVX512-BF16, float16 on Tensor-Core GPUs, else float32 (default auto); the model is "
+        "saved in float32 either way",
+    )
+    parser.add_argument(
         "--base-weights",
         default=TrainConfig.model_fields["base_weights"].default,
         help="'imagenet' (downloads), 'none' (random init), or a VGG16 notop weights file "
@@ -110,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         dataset.fingerprint["sha256"][:12],
     )
     log.info("config %s", json.dumps(config.to_dict()))
-    result = train(config, dataset, on_epoch=_log_epoch)
+    result = train(config, dataset, on_epoch=_log_epoch, precision=args.precision)
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -131,6 +139,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "skipped": dataset.skipped,
             "seconds": round(result.seconds, 1),
             "decision_threshold": result.decision_threshold,
+            "precision": result.precision,
             "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
         },
     )

@@ -61,6 +61,8 @@ class TrainResult:
     dataset: Dataset
     config: TrainConfig
     decision_threshold: float | None = None
+    precision: str = "float32"
+    """What the training steps computed in (``model`` itself is float32, like every version)."""
 
 
 @functools.cache
@@ -165,8 +167,14 @@ def _compile(model: keras.Model, learning_rate: float, negative: int) -> None:
     """Compile with Adam, sparse categorical cross-entropy, accuracy and the disease AUC."""
     import keras
 
+    from ml.precision import model_precision
+
+    optimizer: Any = keras.optimizers.Adam(learning_rate)
+    if model_precision(model) == "float16":
+        # float16 gradients underflow without loss scaling (bfloat16 has float32's range).
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=["accuracy", _disease_auc_class()(negative_index=negative, name="auc")],
     )
@@ -221,6 +229,7 @@ def train(
     on_epoch: Callable[[EpochReport], None] | None = None,
     on_batch: Callable[[BatchReport], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    precision: str = "float32",
 ) -> TrainResult:
     """Train (phase 1: head; phase 2: last VGG16 blocks), then evaluate on the test split.
 
@@ -234,6 +243,9 @@ def train(
             batch, then at most every ``BATCH_REPORT_SECONDS``.
         should_stop: Polled after every training batch; returning True raises
             :class:`TrainingCancelled`.
+        precision: What the training steps compute in (``auto``: what the hardware runs
+            fastest, :func:`ml.precision.choose_precision`). The returned model, the threshold
+            choice and the evaluation are float32 whatever it is.
 
     Early stopping watches ``val_auc`` per phase and restores the best epoch's weights. The
     same seed and data give the same weights.
@@ -241,6 +253,7 @@ def train(
     import keras
 
     from ml.model import build_classifier
+    from ml.precision import choose_precision, detect_hardware, with_precision
 
     started = time.monotonic()
     _check_inputs(config, dataset, base_model)
@@ -249,6 +262,9 @@ def train(
         model = _copy_model(base_model)
     else:
         model = build_classifier(dataset.class_names, config.input_size, config.base_weights)
+    precision = choose_precision(precision, detect_hardware())
+    model = with_precision(model, precision)
+    log.info("training in %s", precision)
     negative = negative_index(dataset.class_names, NEGATIVE_CLASS)
     class_weight = balanced_class_weights(dataset.y_train, len(dataset.class_names))
     train_ds, val_ds = _input_pipelines(config, dataset)
@@ -295,7 +311,7 @@ def train(
                 stopper.best_epoch + 1,
             )
 
-    final = _copy_model(model)
+    final = with_precision(_copy_model(model), "float32")
     threshold = None
     if config.target_sensitivity is not None:
         threshold = choose_threshold(final, dataset, config.target_sensitivity, config.batch_size)
@@ -311,6 +327,7 @@ def train(
         dataset=dataset,
         config=config,
         decision_threshold=threshold,
+        precision=precision,
     )
 
 

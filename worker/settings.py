@@ -90,9 +90,9 @@ class Settings(BaseSettings):
     )
     precision: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto",
-        description="What the inference workers compute in: auto (bfloat16 on CPUs with AMX or "
-        "AVX512-BF16, float16 on GPUs with Tensor Cores, else float32) or a forced precision; "
-        "probabilities stay float32.",
+        description="What inference workers and the trainer compute in: auto (bfloat16 on CPUs "
+        "with AMX or AVX512-BF16, float16 on GPUs with Tensor Cores, else float32) or a forced "
+        "precision; probabilities and saved versions stay float32.",
     )
     worker_metrics_port: int = Field(
         default=9100,

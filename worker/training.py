@@ -174,6 +174,7 @@ class TrainingRunner:
             on_epoch=progress.epoch_done,
             on_batch=progress.batch_done,
             should_stop=should_stop,
+            precision=self.settings.precision,
         )
         if should_stop(force=True):
             raise TrainingCancelled()
@@ -183,7 +184,11 @@ class TrainingRunner:
             class_names=dataset.class_names,
             base_weights=base_label,
             parent_version=parent,
-            hyperparameters={**config.to_dict(), "promotion": request.promotion},
+            hyperparameters={
+                **config.to_dict(),
+                "promotion": request.promotion,
+                "precision": result.precision,
+            },
             dataset={**dataset.fingerprint, "path": request.dataset, "skipped": dataset.skipped},
             training_seconds=round(result.seconds, 1),
             evaluation=result.evaluation,

@@ -27,6 +27,7 @@ from ml import progress
 from ml.config import TrainConfig
 from ml.dataset import Dataset, DatasetError, load_dataset
 from ml.model import build_classifier
+from ml.precision import model_precision
 from ml.progress import BatchReport, EpochReport, TrainingCancelled
 from ml.training import TrainResult, balanced_class_weights, set_trainable_blocks, train
 from tests.dicoms import dicom_bytes
@@ -230,6 +231,15 @@ def test_non_image_files_and_hidden_folders_are_ignored(tmp_path: Path) -> None:
     ds = load_dataset(root, TrainConfig(input_size=32, base_weights=None, min_val_images=0))
     assert ds.class_names == list(TWO)
     assert ds.skipped == []
+
+
+def test_training_under_bfloat16_gives_a_float32_model(tiny_dataset: Dataset) -> None:
+    """Issue 9: the steps compute in bf16; the result, its evaluation and threshold are float32."""
+    result = train(TINY, tiny_dataset, precision="bfloat16")
+    assert result.precision == "bfloat16"
+    assert model_precision(result.model) == "float32"
+    assert result.evaluation["n"] == len(tiny_dataset.y_test)
+    assert np.isfinite(result.history[-1]["loss"])
 
 
 def test_dicom_files_in_the_kaggle_layout_are_loaded_like_their_pngs(tmp_path: Path) -> None:
