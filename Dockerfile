@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # Two images from one file, both installed from pyproject.toml exactly as CI installs it:
 #   docker build --target web    -t cxr-web .                          (base dependencies, no TensorFlow)
 #   docker build --target worker -t cxr-worker .                       (TF_EXTRA=cpu, as the Makefile)
@@ -70,4 +69,4 @@ COPY cli/ cli/
 RUN pip install --no-cache-dir --no-deps . \
     && rm -rf build ./*.egg-info
 USER 10001:10001
-CMD ["celery", "--app", "worker.celery_app", "worker", "--queues", "inference", "--pool", "threads", "--concurrency", "16", "--hostname", "inference@%h", "--loglevel", "INFO"]
+CMD ["celery", "--app", "worker.celery_app", "worker", "--queues", "inference", "--pool", "threads", "--concurrency", "16", "--hostname", "inference@%h", "--without-gossip", "--without-mingle", "--without-heartbeat", "--loglevel", "INFO"]

@@ -427,3 +427,114 @@ def test_gpu_override_reserves_gpus() -> None:
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any(d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices)
     assert str(worker["environment"]["TF_FORCE_GPU_ALLOW_GROWTH"]) == "true"
+
+
+# 6. Hardening (issue 13): air-gapped builds, the GPU trainer, quick start-up health, workers
+#    that ride out Redis restarts quietly.
+
+
+def test_dockerfile_needs_no_frontend_image() -> None:
+    """No ``# syntax=`` parser directive: BuildKit would pull that frontend image from Docker
+    Hub (an air-gapped build fails), and nothing here needs more than the built-in frontend."""
+    text = DOCKERFILE.read_text()
+    # Parser directives are `# key=value` comments before the first instruction.
+    head = []
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            break
+        head.append(line)
+    for line in head:
+        assert not re.match(r"#\s*(syntax|check)\s*=", line, re.IGNORECASE), line
+    # Features the built-in frontend of older engines lacks (heredocs, RUN --mount, COPY --link).
+    instructions = [ln for lines in _dockerfile_stages().values() for ln in lines]
+    for line in instructions:
+        assert "<<" not in line, f"heredoc: {line}"
+        assert not re.match(r"RUN\s+--(mount|network|security)", line, re.IGNORECASE), line
+        assert not re.match(r"(COPY|ADD)\s+.*--link\b", line, re.IGNORECASE), line
+
+
+def test_gpu_override_moves_worker_and_trainer() -> None:
+    """Both TensorFlow services get the GPU build, their own image tag and the devices."""
+    base, gpu = _services(), _services(COMPOSE_GPU)
+    tags = set()
+    for name in ("worker", "trainer"):
+        assert base[name]["build"]["args"]["TF_EXTRA"] == "cpu", f"{name}: base TF extra"
+        service = gpu[name]
+        assert service["build"]["args"]["TF_EXTRA"] == "gpu", f"{name}: GPU build"
+        assert service["pull_policy"] == "build", f"{name}: must never be pulled"
+        tags.add(service["image"])
+        devices = service["deploy"]["resources"]["reservations"]["devices"]
+        assert any(
+            d.get("driver") == "nvidia" and "gpu" in d.get("capabilities", []) for d in devices
+        ), f"{name}: no GPU reservation"
+        assert str(service["environment"]["TF_FORCE_GPU_ALLOW_GROWTH"]) == "true"
+    assert len(tags) == 2, f"worker and trainer share an image tag: {tags}"
+    readme = (ROOT / "README.md").read_text()
+    gpu_section = readme.split("## GPU", 1)[1].split("\n## ", 1)[0]
+    assert "trainer" in gpu_section, "README's GPU section does not mention the trainer"
+
+
+def _seconds(duration: str) -> float:
+    """A compose duration ('1m30s', '2s', '500ms') in seconds."""
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration, f"bad duration {duration!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
+@pytest.mark.parametrize("name", ["worker", "trainer"])
+def test_workers_turn_healthy_within_seconds(name: str) -> None:
+    """During start_period the ping runs every few seconds: a worker is healthy a few seconds
+    after it answers, not one 30 s interval later."""
+    check = _services()[name]["healthcheck"]
+    start_interval = _seconds(check["start_interval"])
+    assert _seconds(check["start_period"]) >= 60, "TensorFlow and the model take a while to load"
+    argv = _argv(check["test"])
+    assert argv[:1] == ["celery"] and "ping" in argv
+    ping_timeout = float(argv[argv.index("--timeout") + 1])
+    # A ping sent before the worker listens waits its whole timeout; the next check follows
+    # start_interval later: the worst case from "answering" to "healthy".
+    assert ping_timeout + start_interval <= 6, (ping_timeout, start_interval)
+    assert ping_timeout < _seconds(check["timeout"]), "docker would kill the check first"
+    assert _seconds(check["interval"]) >= 10, "steady-state checks stay cheap"
+
+
+def _celery_worker_commands() -> dict[str, list[str]]:
+    """Every `celery ... worker` command of the deployment files and the docs."""
+    found = {
+        name: argv
+        for name, argv in ALL_COMMANDS.items()
+        if argv[:1] == ["celery"] and "worker" in argv
+    }
+    docs = [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]
+    for doc in docs:
+        text = doc.read_text().replace("\\\n", " ")
+        for i, match in enumerate(re.finditer(r"celery --app \S+ worker[^`&\n|]*", text)):
+            found[f"{doc.name}-{i}"] = shlex.split(match.group(0))
+    return found
+
+
+def test_workers_run_without_gossip_and_mingle() -> None:
+    """Every documented or deployed worker runs as the tests run theirs: without gossip (which
+    logged a traceback on every Redis restart), mingle and event heartbeats."""
+    commands = _celery_worker_commands()
+    assert {"docker-compose.yml:worker:command", "docker-compose.yml:trainer:command"} <= set(
+        commands
+    ), sorted(commands)
+    assert "Dockerfile:worker:CMD" in commands
+    for name, argv in commands.items():
+        for flag in ("--without-gossip", "--without-mingle", "--without-heartbeat"):
+            assert flag in argv, f"{name}: {shlex.join(argv)} lacks {flag}"
+
+
+def test_compose_redis_never_evicts_and_holds_the_queue_bound() -> None:
+    """Issue 13: at the memory limit Redis refuses writes rather than evicting cxr's keys, and
+    the limit holds the most the queue may keep (CXR_MAX_QUEUED_PREDICTIONS x ~1 MiB)."""
+    from worker.settings import Settings
+
+    command = _services()["redis"]["command"]
+    options = dict(zip(command[1::2], command[2::2], strict=False))
+    assert options["--maxmemory-policy"] == "noeviction"
+    limit = options["--maxmemory"]
+    assert limit.endswith("gb")
+    assert Settings().max_queued_predictions * 1024**2 < float(limit[:-2]) * 1024**3

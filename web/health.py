@@ -12,36 +12,51 @@ bp = Blueprint("health", __name__)
 
 @bp.get("/healthz")
 def healthz() -> Response:
-    """The process is alive (no dependency is checked)."""
+    """The process is alive (no dependency is checked): compose's web healthcheck."""
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
 def readyz() -> tuple[Response, int]:
-    """Redis is reachable (200, else 503); also reports what every live worker serves."""
+    """200 when an upload now would be classified, else 503; the body says why either way.
+
+    Ready means Redis answers and at least one live worker process serves a model version. The
+    body lists every live worker with its state, version and last load error.
+    """
     client = prediction_client()
     try:
         client.redis.ping()
         workers = client.workers()
     except redis.RedisError as exc:
-        return jsonify({"status": "unavailable", "redis": f"unreachable: {exc}"}), 503
-    versions = sorted({w.model_version for w in workers if w.model_version is not None})
-    return jsonify(
-        {
-            "status": "ready",
-            "redis": "ok",
-            "serving": bool(versions),
-            "model_versions": versions,
-            "workers": [
-                {
-                    "name": w.name,
-                    "state": w.state,
-                    "model_version": w.model_version,
-                    "precision": w.precision,
-                    "hardware": w.hardware,
-                    "error": w.error,
-                }
-                for w in workers
-            ],
-        }
-    ), 200
+        return jsonify(
+            {
+                "status": "unavailable",
+                "reason": "Redis is unreachable",
+                "redis": f"unreachable: {exc}",
+            }
+        ), 503
+    serving = [w for w in workers if w.state == "serving" and w.model_version is not None]
+    versions = sorted({w.model_version for w in serving if w.model_version is not None})
+    body: dict[str, object] = {
+        "status": "ready" if serving else "unavailable",
+        "redis": "ok",
+        "serving": bool(serving),
+        "model_versions": versions,
+        "workers": [
+            {
+                "name": w.name,
+                "state": w.state,
+                "model_version": w.model_version,
+                "precision": w.precision,
+                "hardware": w.hardware,
+                "error": w.error,
+            }
+            for w in workers
+        ],
+    }
+    if not serving:
+        # Uploads would wait in the queue (no worker) or be refused with 503 (no model).
+        body["reason"] = (
+            "no live worker process" if not workers else "no live worker process serves a model"
+        )
+    return jsonify(body), 200 if serving else 503

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 from flask import Blueprint, Response, redirect, render_template, request, url_for
+from markupsafe import Markup, escape
 from werkzeug.wrappers import Response as BaseResponse
 
 from web import metrics, prediction_client
@@ -10,6 +13,16 @@ from web.api import image_error_status, read_upload
 from worker.client import NO_MODEL_MESSAGE, ImageError, NoModelError, QueueFullError, is_job_id
 
 bp = Blueprint("pages", __name__)
+
+CODE_SPAN = re.compile(r"`([^`\n]+)`")
+
+
+@bp.app_template_filter("code_spans")
+def code_spans(text: str) -> Markup:
+    """``text`` as HTML, escaped, with every `backtick-quoted` span set as ``<code>``."""
+    # Messages shared with the JSON API (e.g. NO_MODEL_MESSAGE) mark commands with backticks;
+    # the spans are found after escaping, so their content is escaped like the rest.
+    return Markup(CODE_SPAN.sub(r"<code>\1</code>", str(escape(text))))
 
 
 def no_model_message() -> str | None:

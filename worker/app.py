@@ -48,6 +48,15 @@ def create_celery(settings: Settings | None = None, role: Role = "client") -> Ce
         # keeps workers from scanning at once (each restore is a WATCHed transaction), so a
         # short expiry is safe.
         "unacked_mutex_expire": unacked_mutex_expire(settings),
+        # Broker reconnection: retry at once, then every 0.25 s, never more than 0.5 s apart, so
+        # predictions flow again within a second of Redis coming back (kombu's default backoff,
+        # 2 s growing by 2 s per attempt, had reached 8 s after a 15 s outage). A refused
+        # connection costs Redis and the worker next to nothing. The workers' consumer
+        # (worker.consumer) and kombu's own reconnection of the publishing connection (web,
+        # bounded in total by broker_connection_timeout) both read these.
+        "interval_start": 0,
+        "interval_step": 0.25,
+        "interval_max": 0.5,
     }
     extra: dict[str, Any] = {}
     if role == "trainer":
@@ -73,6 +82,21 @@ def create_celery(settings: Settings | None = None, role: Role = "client") -> Ce
         worker_prefetch_multiplier=1,
         broker_transport_options=transport,
         broker_connection_retry_on_startup=True,
+        # Retry forever: at 0.5 s apart, Celery's 100 retries would end a worker after a ~50 s
+        # outage, and a worker can do nothing but wait for Redis anyway.
+        broker_connection_max_retries=None,
+        worker_consumer="worker.consumer:Consumer",
+        # Celery 6's default, set explicitly (Celery warned on every connection loss while it was
+        # unset). On connection loss a running task that is not acknowledged yet (acks_late) is
+        # cancelled instead of finishing on a connection that is gone. Delivery stays
+        # at-least-once: Celery leaves a cancelled task's message unacknowledged, so it stays in
+        # the unacked set in Redis (reject_on_worker_lost requeues one whose process died), and
+        # the restore scan hands it out again once it is older than the visibility timeout: 60 s
+        # for a prediction (one already stored is not run twice, worker.runtime), the training
+        # visibility timeout for a fine-tuning run (a 3 s outage mid-run left the job "running"
+        # either way; with the old default the run went on and failed writing to Redis). The
+        # threads pool cannot cancel a prediction: Celery logs that and the prediction finishes.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
         # One fine-tuning run at a time: it uses every core and most of the memory.
         worker_concurrency=1 if role == "trainer" else settings.worker_concurrency,
         worker_send_task_events=False,

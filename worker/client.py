@@ -44,10 +44,12 @@ __all__ = [
     "WorkerInfo",
 ]
 
+# Code is marked with backticks: the pages render those spans as <code> (web.pages.code_spans).
 NO_MODEL_MESSAGE = (
-    "No model version is active yet. Create one with `cxr init-model` (README, 'A first model') "
-    "or promote an existing one (`cxr promote N`); running workers pick it up within seconds, "
-    "no restart needed."
+    "No model version is active yet. Create one: with Docker Compose, "
+    "`docker compose run --rm worker cxr init-model --base imagenet`; on a local install, "
+    "`cxr init-model` (README, 'A first model'). Or promote an existing one (`cxr promote N`). "
+    "Running workers pick it up within seconds, no restart needed."
 )
 
 

@@ -114,6 +114,26 @@ def test_an_unknown_result_id_says_it_expired_or_never_existed(page: Page, web_u
     expect(page.locator(".status.failed")).to_contain_text("expired or never existed")
 
 
+def test_a_failed_result_shows_the_no_model_commands_as_code(
+    page: Page, web_url: str, worker_settings: Settings, redis_client: redis.Redis
+) -> None:
+    """The worker's no-model error names commands in backticks: the card sets them as <code>."""
+    from worker.client import NO_MODEL_MESSAGE
+
+    job_id = uuid.uuid4().hex
+    key = Keys(worker_settings.key_prefix).job(job_id)
+    redis_client.hset(key, mapping={"status": "failed", "error": NO_MODEL_MESSAGE})
+    redis_client.expire(key, 60)
+    page.goto(f"{web_url}/results?id={job_id}")
+    status = page.locator(".status.failed")
+    expect(status).to_contain_text("No model version is active yet")
+    expect(status.locator("code").first).to_have_text(
+        "docker compose run --rm worker cxr init-model --base imagenet"
+    )
+    expect(status.locator("code").nth(1)).to_have_text("cxr init-model")
+    assert "`" not in status.inner_text()
+
+
 ADMIN_TOKEN = "browser-test-admin-token"
 
 

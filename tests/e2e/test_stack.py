@@ -28,7 +28,10 @@ def poll(url: str, timeout: float = 60) -> dict[str, Any]:
 
 
 def test_readyz_reports_the_serving_version(web_url: str) -> None:
-    doc = requests.get(f"{web_url}/readyz", timeout=5).json()
+    response = requests.get(f"{web_url}/readyz", timeout=5)
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    assert doc["status"] == "ready"
     assert doc["serving"] is True and doc["model_versions"] == [1]
     assert all(w["state"] == "serving" for w in doc["workers"])
     # Issue 9: each process says what it computes in and what chose it.

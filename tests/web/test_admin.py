@@ -445,7 +445,8 @@ def test_curves(admin: FlaskClient) -> None:
 def test_promote_changes_the_active_version(
     admin: FlaskClient, admin_settings: Settings, redis_client: redis.Redis, model_dir: Path
 ) -> None:
-    ready_before = ok_json(admin.get("/readyz"))
+    # No worker in this test: not ready (503), before the promotion and after it.
+    ready_before = ok_json(admin.get("/readyz"), 503)
     doc = ok_json(call(admin, "POST", "/models/2/promote", {"reason": "better AUC"}, auth("carol")))
     assert doc["active_version"] == 2
     audit = doc["audit"]
@@ -461,7 +462,7 @@ def test_promote_changes_the_active_version(
     assert [v["active"] for v in models["versions"]] == [True, False]
     assert ok_json(call(admin, "GET", "/models/2"))["active"] is True
     # Readiness reports the workers, not the pointer: a promotion does not change it.
-    assert ok_json(admin.get("/readyz")) == ready_before
+    assert ok_json(admin.get("/readyz"), 503) == ready_before
 
     entries = ok_json(call(admin, "GET", "/audit"))["entries"]
     assert entries == [audit]

@@ -250,6 +250,8 @@ def test_no_model_is_503(
     heartbeat(redis_client, settings, state, None)
     body = assert_refused(post_file(client, png()), 503, "no_model", redis_client, settings)
     assert "cxr init-model" in body["message"]
+    # A compose user is told the whole command.
+    assert "`docker compose run --rm worker cxr init-model --base imagenet`" in body["message"]
 
 
 def test_bad_image_wins_over_no_model(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import redis
 from flask import Flask
 from flask.testing import FlaskClient
 
 from tests.web.conftest import heartbeat
+from worker.client import Keys
 from worker.settings import Settings
 
 
@@ -17,10 +21,12 @@ def test_healthz(client: FlaskClient) -> None:
 
 
 def test_readyz_without_workers(client: FlaskClient) -> None:
+    # An upload now would wait in the queue: not ready, though Redis is fine.
     response = client.get("/readyz")
-    assert response.status_code == 200
+    assert response.status_code == 503
     assert response.get_json() == {
-        "status": "ready",
+        "status": "unavailable",
+        "reason": "no live worker process",
         "redis": "ok",
         "serving": False,
         "model_versions": [],
@@ -35,6 +41,8 @@ def test_readyz_with_a_serving_worker(
     response = client.get("/readyz")
     assert response.status_code == 200
     body = response.get_json()
+    assert body["status"] == "ready"
+    assert "reason" not in body
     assert body["serving"] is True
     assert body["model_versions"] == [1]
     assert body["workers"] == [
@@ -53,12 +61,48 @@ def test_readyz_with_a_worker_without_model(
     client: FlaskClient, settings: Settings, redis_client: redis.Redis
 ) -> None:
     heartbeat(redis_client, settings, "no_model", None)
-    body = client.get("/readyz").get_json()
-    # Redis is fine, so the web process is ready; it only reports that nothing is served.
-    assert body["status"] == "ready"
+    response = client.get("/readyz")
+    # Redis is fine, but an upload would be refused (503 no_model): not ready.
+    assert response.status_code == 503
+    body = response.get_json()
+    assert body["status"] == "unavailable"
+    assert body["reason"] == "no live worker process serves a model"
+    assert body["redis"] == "ok"
     assert body["serving"] is False
     assert body["model_versions"] == []
     assert [w["state"] for w in body["workers"]] == ["no_model"]
+
+
+@pytest.mark.parametrize("states", [["loading"], ["error"], ["loading", "no_model", "error"]])
+def test_readyz_is_503_until_a_worker_serves(
+    states: list[str], client: FlaskClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    for i, state in enumerate(states):
+        heartbeat(redis_client, settings, state, None, name=f"w:{i}")
+    assert client.get("/readyz").status_code == 503
+    # One serving process among them is enough: that one would classify the upload.
+    heartbeat(redis_client, settings, "serving", 3, name="w:serving")
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    body = response.get_json()
+    assert body["status"] == "ready"
+    assert body["model_versions"] == [3]
+    assert len(body["workers"]) == len(states) + 1
+
+
+def test_readyz_forgets_expired_heartbeats(
+    client: FlaskClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    """A worker that stopped reporting is not live: readiness follows within its heartbeat TTL."""
+    heartbeat(redis_client, settings, "serving", 1)
+    assert client.get("/readyz").status_code == 200
+    keys = Keys(settings.key_prefix)
+    # As if the heartbeat had expired: gone from the index and the key.
+    redis_client.zadd(keys.workers(), {keys.worker("fake:1"): time.time() - 1})
+    redis_client.delete(keys.worker("fake:1"))
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.get_json()["reason"] == "no live worker process"
 
 
 def test_readyz_lists_every_worker_and_version(
@@ -86,6 +130,7 @@ def test_redis_unreachable(down_app: Flask) -> None:
     assert ready.status_code == 503
     body = ready.get_json()
     assert body["status"] == "unavailable"
+    assert body["reason"] == "Redis is unreachable"
     assert body["redis"].startswith("unreachable")
     # Liveness does not depend on Redis.
     alive = client.get("/healthz")

@@ -74,7 +74,28 @@ def test_index_shows_the_no_model_notice(
     heartbeat(redis_client, settings, "no_model", None)
     page = html(client.get("/"))
     assert 'class="notice"' in page
-    assert "cxr init-model" in page
+    assert_names_both_commands_as_code(page)
+
+
+DOCKER_INIT = "docker compose run --rm worker cxr init-model --base imagenet"
+
+
+def assert_names_both_commands_as_code(page: str) -> None:
+    """The no-model notice names the compose and the local command, set as <code>."""
+    notice = re.search(r'<p class="notice"[^>]*>(.*?)</p>', page, re.S)
+    assert notice is not None
+    assert f"<code>{DOCKER_INIT}</code>" in notice.group(1)
+    assert "<code>cxr init-model</code>" in notice.group(1)
+    assert "`" not in page, "literal backticks on the page"
+
+
+def test_code_spans_escape_their_content() -> None:
+    from web.pages import code_spans
+
+    assert str(code_spans("run `a <b>` & `c`")) == (
+        "run <code>a &lt;b&gt;</code> &amp; <code>c</code>"
+    )
+    assert str(code_spans("<i>no code</i>")) == "&lt;i&gt;no code&lt;/i&gt;"
 
 
 def test_index_has_no_notice_while_serving(
@@ -177,7 +198,7 @@ def test_no_model_upload_is_503(
     heartbeat(redis_client, settings, "no_model", None)
     response = post_files(client, (png(), "a.png"))
     assert response.status_code == 503
-    assert "cxr init-model" in html(response)
+    assert_names_both_commands_as_code(html(response))
     assert queue_length(redis_client, settings) == 0
 
 

@@ -212,7 +212,10 @@ async function refreshModels() {
   });
   if (!rows.length) {
     const tr = el("tr");
-    const td = el("td", "hint", "No model versions yet: run `cxr init-model` or start a job below.");
+    const td = el("td", "hint");
+    td.append("No model versions yet: run ",
+      el("code", null, "docker compose run --rm worker cxr init-model --base imagenet"),
+      " (Docker Compose) or ", el("code", null, "cxr init-model"), " (local install), or start a job below.");
     td.colSpan = 11;
     tr.append(td);
     rows.push(tr);

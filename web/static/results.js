@@ -35,9 +35,19 @@ function showResult(card, doc) {
       " · screening threshold: a finding when 1 − p(NORMAL) ≥ " + result.decision_threshold.toFixed(3));
 }
 
+// Messages mark commands with backticks (worker.client.NO_MODEL_MESSAGE): shown as <code>.
+function withCode(node, text) {
+  const parts = String(text).split("`");
+  if (parts.length % 2 === 0) {
+    node.textContent = text;  // an unpaired backtick: plain text
+    return;
+  }
+  node.replaceChildren(...parts.map((part, i) => (i % 2 ? el("code", null, part) : document.createTextNode(part))));
+}
+
 function showError(card, message) {
   const status = card.querySelector(".status");
-  status.textContent = message;
+  withCode(status, message);
   status.className = "status failed";
 }
 
