@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from bench.stack import (
@@ -48,12 +48,31 @@ class ModelConfig:
     warmup_s: float  # per stack, before the first level, at the highest concurrency
     extra_shapes: tuple[Shape, ...] = ()  # also run with batching on at the top levels
     extra_levels: tuple[int, ...] = ()
+    precision: str = "auto"  # CXR_PRECISION of the workers and of the raw measurement
+    image_side: int | None = None  # uploads: the shared 256 px X-rays, or real-size JPEGs
 
     @property
     def description(self) -> str:
         """Human name of the model."""
         model = "VGG16" if self.kind == "vgg16" else "stand-in (pooling+dense)"
-        return f"{model} @ {self.input_size} px"
+        images = f", {self.image_side} px JPEG uploads" if self.image_side else ""
+        return f"{model} @ {self.input_size} px, {self.precision}{images}"
+
+
+PRECISION_SUFFIX = {"auto": "", "float32": "-fp32", "bfloat16": "-bf16", "float16": "-fp16"}
+
+
+def variants(
+    configs: list[ModelConfig], precisions: list[str], image_sides: list[int | None]
+) -> list[ModelConfig]:
+    """Every config in every precision and with every upload size (named ``vgg224-bf16-2500``)."""
+    out = []
+    for cfg in configs:
+        for precision in precisions:
+            for side in image_sides:
+                name = cfg.name + PRECISION_SUFFIX[precision] + (f"-{side}" if side else "")
+                out.append(replace(cfg, name=name, precision=precision, image_side=side))
+    return out
 
 
 DEFAULT_SHAPE = Shape()

@@ -134,6 +134,7 @@ def run_stack_levels(
         pool="threads",
         batch_max_size=cfg.batch_max if batching else 1,
         batch_max_delay_ms=BATCH_DELAY_MS,
+        precision=cfg.precision,
         web_threads=top + 8,  # every client may land on one web worker; ?wait holds a thread
     ) as stack:
         startup_s = time.perf_counter() - started

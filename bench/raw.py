@@ -20,16 +20,22 @@ from bench.stack import (
 
 
 def raw_throughput_child(
-    model_dir: Path, batch_sizes: Sequence[int], min_seconds: float, min_calls: int
+    model_dir: Path,
+    batch_sizes: Sequence[int],
+    min_seconds: float,
+    min_calls: int,
+    precision: str = "auto",
 ) -> Json:
     """Time ``Classifier.predict_batch`` per batch size; runs in its own process (imports TF)."""
     import numpy as np
     import tensorflow as tf
 
     from ml.imaging import decode_image, to_model_input
+    from ml.precision import choose_precision, detect_hardware
     from ml.versions import load_classifier
 
-    clf = load_classifier(model_dir, 1)
+    resolved = choose_precision(precision, detect_hardware())
+    clf = load_classifier(model_dir, 1, precision=resolved)
     clf.warm_up()
     images, _ = load_images(max(batch_sizes))
     inputs = [to_model_input(decode_image(data), clf.input_size) for _, data in images]
@@ -53,6 +59,7 @@ def raw_throughput_child(
     best = max(rows, key=lambda r: float(r["images_per_s"]))
     return {
         "tf_version": tf.__version__,
+        "precision": resolved,
         "by_batch_size": rows,
         "best_images_per_s": best["images_per_s"],
         "best_batch_size": best["batch_size"],
@@ -61,13 +68,17 @@ def raw_throughput_child(
 
 
 def raw_throughput(
-    model_dir: Path, batch_sizes: Sequence[int], min_s: float, min_calls: int
+    model_dir: Path,
+    batch_sizes: Sequence[int],
+    min_s: float,
+    min_calls: int,
+    precision: str = "auto",
 ) -> Json:
     """Run :func:`raw_throughput_child` in a fresh interpreter and return its report."""
     proc = subprocess.run(
         [sys.executable, "-m", "bench.run", "--raw-throughput", str(model_dir),
          "--batch-sizes", ",".join(map(str, batch_sizes)), "--raw-min-seconds", str(min_s),
-         "--raw-min-calls", str(min_calls)],
+         "--raw-min-calls", str(min_calls), "--precision", precision],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
         env=os.environ | {"TF_CPP_MIN_LOG_LEVEL": "2"},
     )  # fmt: skip

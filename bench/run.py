@@ -22,10 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import json
-import os
-import platform
 import signal
 import sys
 import tempfile
@@ -45,9 +42,11 @@ from bench.configs import (
     ModelConfig,
     Shape,
     model_configs,
+    variants,
 )
 from bench.levels import run_stack_levels
 from bench.loadgen import foreign_load, load_images, multipart
+from bench.machine import machine
 from bench.raw import raw_throughput, raw_throughput_child
 from bench.report import load_generator_note, markdown, print_report, targets
 from bench.stack import (
@@ -84,24 +83,6 @@ def source_fingerprint() -> dict[str, str]:
     }
 
 
-def machine() -> Json:
-    """What the numbers were measured on."""
-    tf_version = None
-    for dist in ("tensorflow-cpu", "tensorflow"):
-        try:
-            tf_version = importlib.metadata.version(dist)
-            break
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "tensorflow": tf_version,
-        "loadavg_at_start": list(os.getloadavg()),
-    }
-
-
 @dataclass
 class Plan:
     """What to run, from the command line."""
@@ -134,10 +115,20 @@ def failed_run(batching: bool, shape: Shape, exc: Exception) -> Json:
     }
 
 
+def upload_bodies(image_side: int | None) -> list[tuple[bytes, str]]:
+    """The multipart bodies clients send: the shared X-rays, or real-size JPEGs made from them."""
+    if image_side is None:
+        images, _ = load_images()
+    else:
+        from tests.realsize import jpeg_xray
+
+        height = round(image_side * 0.82)  # the aspect of a chest X-ray detector (~2500x2048)
+        images = [(f"xray-{image_side}px.jpg", jpeg_xray(image_side, height))]
+    return [multipart(name, data) for name, data in images]
+
+
 def benchmark(plan: Plan, save: Callable[[dict[str, Json], bool], None]) -> None:
     """Run every config; ``save(configs, complete)`` after each one and at the end."""
-    images, _ = load_images()
-    bodies = [multipart(name, data) for name, data in images]
     configs: dict[str, Json] = {}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="cxr-bench-models-") as tmp:
@@ -145,7 +136,10 @@ def benchmark(plan: Plan, save: Callable[[dict[str, Json], bool], None]) -> None
             print(f"[{time.perf_counter() - started:5.0f} s] {cfg.name}: {cfg.description}")
             model_dir = Path(tmp) / cfg.name
             make_model(cfg.kind, cfg.input_size, model_dir)
-            raw = raw_throughput(model_dir, plan.raw_sizes, plan.raw_min_s, plan.raw_min_calls)
+            bodies = upload_bodies(cfg.image_side)
+            raw = raw_throughput(
+                model_dir, plan.raw_sizes, plan.raw_min_s, plan.raw_min_calls, cfg.precision
+            )
             print(f"  raw best {raw['best_images_per_s']} img/s at batch {raw['best_batch_size']}")
             best = float(raw["best_images_per_s"])
             runs: list[Json] = []
@@ -153,6 +147,9 @@ def benchmark(plan: Plan, save: Callable[[dict[str, Json], bool], None]) -> None
                 "description": cfg.description,
                 "kind": cfg.kind,
                 "input_size": cfg.input_size,
+                "precision": raw["precision"],
+                "upload": f"{cfg.image_side} px JPEG" if cfg.image_side else "shared 256 px",
+                "upload_bytes": len(bodies[0][0]),
                 "batch_max_size_on": cfg.batch_max,
                 "batch_max_delay_ms": BATCH_DELAY_MS,
                 "pool": f"threads, concurrency {cfg.batch_max} (batching on and off)",
@@ -219,6 +216,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="after the stand-in levels, one more with N finished jobs stored in Redis "
         "(default 25000 for a full run, 0 with --quick)",
     )
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        help="comma-separated precisions to run every config in: auto, float32, bfloat16, "
+        "float16 (default auto: what the hardware runs fastest)",
+    )
+    parser.add_argument(
+        "--image-sizes",
+        default="",
+        help="also run every config with real-size JPEG uploads of these widths, e.g. 2500 "
+        "(comma-separated; the shared 256 px X-rays always run)",
+    )
     parser.add_argument("--raw-throughput", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32", help=argparse.SUPPRESS)
     parser.add_argument("--raw-min-seconds", type=float, default=2.0, help=argparse.SUPPRESS)
@@ -227,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.raw_throughput:
         sizes = [int(s) for s in args.batch_sizes.split(",")]
         raw = raw_throughput_child(
-            args.raw_throughput, sizes, args.raw_min_seconds, args.raw_min_calls
+            args.raw_throughput, sizes, args.raw_min_seconds, args.raw_min_calls, args.precision
         )
         print(json.dumps(raw))
         return
@@ -244,6 +253,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         configs = [c for c in configs if c.name in wanted]
     elif args.quick:
         configs = [c for c in configs if c.name != "vgg224"]  # one 224 px VGG16 level takes long
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    sides: list[int | None] = [None, *(int(s) for s in args.image_sizes.split(",") if s.strip())]
+    bad = set(precisions) - {"auto", "float32", "bfloat16", "float16"}
+    if bad:
+        parser.error(f"unknown precision(s) {sorted(bad)}")
+    configs = variants(configs, precisions, sides)
     plan = Plan(
         quick=args.quick,
         configs=configs,
@@ -274,7 +289,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # A quick or partial (--only) run never replaces the results of a full one.
     suffix = "-quick" if plan.quick else ""
     if args.only:
-        suffix += "-" + "+".join(c.name for c in configs)
+        suffix += "-" + "+".join(sorted({c.name.split("-")[0] for c in configs}))
+    if precisions != ["auto"] or len(sides) > 1:
+        suffix += "-" + "+".join(precisions) + "".join(f"-{s}" for s in sides if s)
     out = RESULTS / f"bench-{started_at:%Y-%m-%d}{suffix}.json"
     latest = RESULTS / f"latest{suffix}.json"
     clock = time.perf_counter()

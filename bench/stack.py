@@ -249,6 +249,7 @@ def run_stack(
     batch_max_delay_ms: float = 5.0,
     web_threads: int = 4,
     ready_timeout: float = 180.0,
+    precision: str = "auto",
 ) -> Iterator[Stack]:
     """Serve an untrained model of ``input_size`` px on 127.0.0.1; stop everything on exit.
 
@@ -260,6 +261,7 @@ def run_stack(
         model_kind: ``"vgg16"`` (VGG16 base, random weights) or ``"standin"`` (pooling + dense).
         model_dir: An existing registry with an active version to serve (e.g. from
             :func:`make_model`); by default one is built in the stack's temporary folder.
+        precision: ``CXR_PRECISION`` of the workers (``auto``: what the hardware runs fastest).
         worker_processes: Separate ``celery worker`` commands, each its own process (group).
         pool: Celery pool of each worker command.
         batch_max_size: ``CXR_BATCH_MAX_SIZE`` (1 turns dynamic batching off).
@@ -313,6 +315,12 @@ def run_stack(
             "CXR_WORKER_CONCURRENCY": str(worker_concurrency),
             "CXR_BATCH_MAX_SIZE": str(batch_max_size),
             "CXR_BATCH_MAX_DELAY_MS": str(batch_max_delay_ms),
+            # The load comes from one address at hundreds of requests per second: no per-client
+            # limit and no queue bound, so the stack's own capacity is what is measured.
+            "CXR_RATE_LIMIT_UPLOADS": "",
+            "CXR_RATE_LIMIT_STATUS": "",
+            "CXR_MAX_QUEUED_PREDICTIONS": "0",
+            "CXR_PRECISION": precision,
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
         worker_pids = []
