@@ -78,6 +78,9 @@ def add_local_commands(sub: Any) -> None:
     sub.add_parser("versions", help="list the model versions in the model folder")
 
 
+IMAGENET_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+
+
 def cmd_init_model(args: argparse.Namespace) -> int:
     """Publish an untrained classifier as the next version."""
     import keras
@@ -88,7 +91,20 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     classes = parse_classes(args.classes)
     base = None if args.base.lower() == "none" else args.base
     keras.utils.set_random_seed(args.seed)
-    model = build_classifier(classes, input_size=args.input_size, base_weights=base)
+    try:
+        model = build_classifier(classes, input_size=args.input_size, base_weights=base)
+    except Exception as exc:
+        if base != "imagenet" or "URL fetch failure" not in str(exc):
+            raise
+        # Keras raises a bare Exception when the download fails; say what to do in one line.
+        print(
+            f"cxr init-model: cannot download the ImageNet VGG16 weights "
+            f"({str(exc).splitlines()[0][:200]}). Offline, use --base none (random weights), "
+            f"--base /path/to/{IMAGENET_NOTOP_FILE}, or put that file in "
+            "~/.keras/models/ (or $KERAS_HOME/models/); the Docker worker image has it.",
+            file=sys.stderr,
+        )
+        return 2
     metadata = save_version(
         model,
         args.model_dir,

@@ -86,6 +86,27 @@ def test_init_model_prints_the_version(tmp_path: Path, capsys: pytest.CaptureFix
     assert latest_version(model_dir) == 1
 
 
+def test_init_model_without_network_says_what_to_do_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13: no 81-line traceback. The download fails as Keras fails offline (no traffic)."""
+    from keras.src.applications import vgg16
+
+    def offline(*args: object, **kwargs: object) -> str:
+        raise Exception(
+            "URL fetch failure on https://storage.googleapis.com/...notop.h5: None -- "
+            "[Errno -3] Temporary failure in name resolution"
+        )
+
+    monkeypatch.setattr(vgg16.file_utils, "get_file", offline)
+    argv = ["--model-dir", str(tmp_path / "m"), "init-model", "--base", "imagenet"]
+    assert main([*argv, "--input-size", "32"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "--base none" in err and "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in err
+    assert not (tmp_path / "m" / "1").exists()
+
+
 def test_init_model_refuses_bad_arguments(tmp_path: Path) -> None:
     model_dir = tmp_path / "models"
     base = ["--model-dir", str(model_dir), "init-model", "--base", "none"]
