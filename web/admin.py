@@ -35,6 +35,7 @@ pages_bp = Blueprint("admin_pages", __name__)
 ACTOR = "admin"
 MAX_ACTOR_CHARS = 64
 MAX_REASON_CHARS = 500
+MAX_JSON_BYTES = 64 * 1024  # an admin request body is a few hundred bytes of JSON
 DEFAULT_LIMIT = 50
 MAX_LIMIT = 1000
 # What may follow "admin:" in an audit entry: a name or an e-mail address, nothing that could
@@ -92,6 +93,19 @@ def require_token() -> Reply | None:
     return None
 
 
+@bp.before_request
+def bound_the_body() -> Reply | None:
+    """Refuse an admin request body over MAX_JSON_BYTES (413) before reading it."""
+    if (request.content_length or 0) > MAX_JSON_BYTES:
+        return error_response(
+            413,
+            "too_large",
+            f"the request body is {request.content_length:,} bytes; admin requests are JSON of "
+            f"at most {MAX_JSON_BYTES // 1024} KiB",
+        )
+    return None
+
+
 @bp.after_request
 def no_store(response: Response) -> Response:
     """Authenticated answers must not be kept by shared or browser caches."""
@@ -110,6 +124,18 @@ class InvalidRequest(ValueError):
         self.details = details or []
 
 
+class BodyTooLarge(ValueError):
+    """A chunked admin request body that grew past MAX_JSON_BYTES."""
+
+
+@bp.errorhandler(BodyTooLarge)
+def body_too_large(exc: BodyTooLarge) -> Reply:
+    """Answer 413 for a body over the bound."""
+    return error_response(
+        413, "too_large", f"admin requests are JSON of at most {MAX_JSON_BYTES // 1024} KiB"
+    )
+
+
 @bp.errorhandler(InvalidRequest)
 def bad_request(exc: InvalidRequest) -> Reply:
     """Answer 400 ``invalid_request`` with what was wrong."""
@@ -118,7 +144,14 @@ def bad_request(exc: InvalidRequest) -> Reply:
 
 def json_body() -> dict[str, Any]:
     """The request's JSON object; an empty body counts as ``{}``."""
-    raw = request.get_data(cache=True)
+    # A chunked body has no Content-Length: read one byte past the bound to see if it is over.
+    raw = (
+        request.stream.read(MAX_JSON_BYTES + 1)
+        if request.content_length is None
+        else (request.get_data(cache=True))
+    )
+    if len(raw) > MAX_JSON_BYTES:
+        raise BodyTooLarge()
     if not raw.strip():
         return {}
     try:
@@ -179,9 +212,26 @@ def create_training_job() -> Reply:
         return error_response(
             409, "no_active_version", "base 'active' needs an active model version; there is none"
         )
+    data_dir = settings().data_dir
+    warning = None
+    if data_dir.is_dir():
+        if not (data_dir / params.dataset).is_dir():
+            return error_response(
+                422,
+                "dataset_not_found",
+                f"no dataset {params.dataset!r} in CXR_DATA_DIR ({data_dir}): name a folder "
+                "there in the Kaggle layout <split>/<CLASS>/*",
+            )
+    else:
+        # The web process may not mount the data (compose mounts it read-only in both).
+        warning = (
+            f"CXR_DATA_DIR ({data_dir}) is not visible to the web process, so the dataset was "
+            "not checked; the trainer checks it when the job starts"
+        )
     job_id = training_jobs().submit(params, actor())
     status_url = url_for("admin.get_training_job", job_id=job_id)
-    response = jsonify({"id": job_id, "status": "queued", "status_url": status_url})
+    body = {"id": job_id, "status": "queued", "status_url": status_url}
+    response = jsonify(body | ({"warning": warning} if warning else {}))
     response.status_code = 202
     response.headers["Location"] = status_url
     return response

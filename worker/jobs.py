@@ -26,6 +26,10 @@ BASES = ("imagenet", "none", "active")
 JOB_HISTORY = 1000
 
 
+MAX_PATH_CHARS = 255
+"""Longest ``dataset`` or ``base`` path a request may name (a file name's limit on most disks)."""
+
+
 class TrainingRequest(TrainingOptions):
     """What an administrator may ask of a fine-tuning job (every field has a default).
 
@@ -37,10 +41,12 @@ class TrainingRequest(TrainingOptions):
 
     dataset: str = Field(
         default=".",
+        max_length=MAX_PATH_CHARS,
         description="Folder inside CXR_DATA_DIR in the Kaggle layout <split>/<CLASS>/*.",
     )
     base: str = Field(
         default="imagenet",
+        max_length=MAX_PATH_CHARS,
         description="'imagenet', 'none', 'active' (continue from the active version), "
         "or a weights file path inside CXR_DATA_DIR.",
     )

@@ -628,3 +628,46 @@ def test_admin_never_imports_tensorflow(
     assert redis_client.llen(f"training-{tag}") == 1
     assert redis_client.get(f"cxrtest-{tag}:model:active") == b"2"
     redis_client.delete(f"training-{tag}")
+
+
+# --- hostile and careless requests (issue 13) -----------------------------------------------
+
+
+def test_a_huge_string_field_is_refused_and_never_stored(
+    admin: FlaskClient, admin_settings: Settings, redis_client: redis.Redis
+) -> None:
+    r = admin.post(ADMIN + "/training-jobs", json={"dataset": "x" * 300}, headers=auth())
+    assert r.status_code == 400 and r.get_json()["error"] == "invalid_request"
+    assert not list(redis_client.scan_iter(match=f"{admin_settings.key_prefix}:train:*"))
+
+
+def test_an_oversized_body_is_413_on_every_admin_route(admin: FlaskClient) -> None:
+    big = json.dumps({"dataset": "x" * (70 * 1024)})
+    for path in ("/training-jobs", "/models/1/promote", "/models/rollback"):
+        r = admin.post(ADMIN + path, data=big, content_type="application/json", headers=auth())
+        assert r.status_code == 413, path
+        assert r.get_json()["error"] == "too_large" and "64 KiB" in r.get_json()["message"]
+
+
+def test_a_missing_dataset_is_refused_where_the_data_can_be_seen(
+    redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    from web import create_app
+
+    data = tmp_path / "data"
+    (data / "cxr").mkdir(parents=True)
+    settings = isolated_settings(redis_url, model_dir, admin_token=TOKEN, data_dir=data)
+    client = create_app({"TESTING": True, "CXR_SETTINGS": settings}).test_client()
+    r = client.post(ADMIN + "/training-jobs", json={"dataset": "nope"}, headers=auth())
+    assert r.status_code == 422 and r.get_json()["error"] == "dataset_not_found"
+    ok = client.post(ADMIN + "/training-jobs", json={"dataset": "cxr"}, headers=auth())
+    assert ok.status_code == 202 and "warning" not in ok.get_json()
+
+
+def test_a_dataset_that_cannot_be_checked_is_accepted_with_a_warning(
+    admin: FlaskClient, admin_settings: Settings
+) -> None:
+    assert not admin_settings.data_dir.is_dir()
+    r = admin.post(ADMIN + "/training-jobs", json={"dataset": "anything"}, headers=auth())
+    assert r.status_code == 202
+    assert "not visible to the web process" in r.get_json()["warning"]
