@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-from pathlib import Path
 from typing import Any
+
+from ml.precision import cpu_model_and_flags
 
 # The flags that decide which kernels TensorFlow/oneDNN and numpy can use on x86.
 NOTABLE_FLAGS = (
@@ -19,24 +20,6 @@ NOTABLE_FLAGS = (
     "amx_int8",
     "amx_tile",
 )
-
-
-def cpu_model_and_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> tuple[str, list[str]]:
-    """Return the CPU's model name and its flags (empty where /proc/cpuinfo is not there)."""
-    model = platform.processor() or "unknown"
-    flags: list[str] = []
-    try:
-        text = cpuinfo.read_text()
-    except OSError:
-        return model, flags
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and model in ("unknown", "", platform.machine()):
-            model = value.strip()
-        elif key == "flags" and not flags:
-            flags = value.split()
-    return model, flags
 
 
 def machine() -> dict[str, Any]:
