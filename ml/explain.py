@@ -17,16 +17,35 @@ TensorFlow/Keras module (workers and tests only); rendering an overlay is ``ml.o
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import numpy.typing as npt
 import tensorflow as tf
 
-__all__ = ["METHOD", "GradCam", "Heatmap", "NoConvLayerError", "last_conv_layer"]
+from ml.decision import decide, negative_index
+
+if TYPE_CHECKING:
+    from ml.model import Classifier
+
+__all__ = [
+    "METHOD",
+    "BatchExplanations",
+    "GradCam",
+    "Heatmap",
+    "NoConvLayerError",
+    "build_explainer",
+    "last_conv_layer",
+    "map_to_json",
+    "predict_and_explain",
+]
+
+log = logging.getLogger(__name__)
 
 METHOD = "grad-cam"
 
@@ -95,9 +114,7 @@ def _split(
 
         # Function._run_through_graph is what clone_model itself calls; called directly it
         # builds on tensors of the enclosing graph (clone_model would make a nested model).
-        outputs = sub._run_through_graph(
-            inputs, operation_fn=lambda layer: layer, call_fn=call
-        )
+        outputs = sub._run_through_graph(inputs, operation_fn=lambda layer: layer, call_fn=call)
         return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
 
     image = keras.Input(shape=model.input_shape[1:], name="image")
@@ -206,3 +223,62 @@ def map_to_json(heatmap: Heatmap, decimals: int = 4) -> dict[str, Any]:
         "shape": list(heatmap.values.shape),
         "values": np.round(heatmap.values.astype(np.float64), decimals).tolist(),
     }
+
+
+def build_explainer(model: keras.Model, class_names: Sequence[str]) -> tuple[GradCam | None, str]:
+    """A :class:`GradCam` of ``model``, or ``None`` and the reason it has none."""
+    try:
+        return GradCam(model, class_names), ""
+    except NoConvLayerError as exc:
+        return None, str(exc)
+    except Exception as exc:  # an architecture the split does not handle: serve without maps
+        log.exception("no Grad-CAM for model %r", model.name)
+        return None, f"Grad-CAM is not available for this model: {exc}"
+
+
+@dataclass(frozen=True)
+class BatchExplanations:
+    """A batch's probabilities and, for the images that asked, their maps."""
+
+    probabilities: npt.NDArray[np.float64]  # (n, classes)
+    heatmaps: list[Heatmap | None]  # one per image; None: not asked, or see ``error``
+    error: str | None  # why the images that asked have no map
+    seconds: float | None  # the gradient pass; None when none ran
+
+
+def predict_and_explain(
+    classifier: Classifier, images: npt.NDArray[np.float32], wanted: Sequence[bool]
+) -> BatchExplanations:
+    """Classify a batch and explain the reported class of each image in ``wanted``.
+
+    Without any image asking (or a model without Grad-CAM) this is ``predict_batch``. Otherwise
+    one :meth:`GradCam.forward` gives the probabilities (the same as the model's) and the conv
+    activations, the service's decision rule picks each image's class, and one
+    :meth:`GradCam.maps` pass explains the images that asked. A failing map never fails the
+    prediction: the probabilities stand and ``error`` says what went wrong.
+    """
+    n = len(images)
+    explainer: GradCam | None = getattr(classifier, "explainer", None)
+    if not any(wanted) or explainer is None:
+        error = None if not any(wanted) else getattr(classifier, "explainer_error", "no Grad-CAM")
+        return BatchExplanations(classifier.predict_batch(images), [None] * n, error, None)
+    try:
+        probs, features = explainer.forward(images)
+    except Exception as exc:
+        log.exception("Grad-CAM forward pass failed; classifying without it")
+        return BatchExplanations(
+            classifier.predict_batch(images), [None] * n, f"Grad-CAM failed: {exc}", None
+        )
+    try:
+        started = time.perf_counter()
+        index = decide(probs, negative_index(classifier.class_names), classifier.decision_threshold)
+        chosen = [i for i, w in enumerate(wanted) if w]
+        picked = features if len(chosen) == n else tf.gather(features, chosen)
+        values = explainer.maps(picked, [int(index[i]) for i in chosen])
+        heatmaps: list[Heatmap | None] = [None] * n
+        for i, v in zip(chosen, values, strict=True):
+            heatmaps[i] = explainer.heatmap(v, int(index[i]))
+        return BatchExplanations(probs, heatmaps, None, time.perf_counter() - started)
+    except Exception as exc:
+        log.exception("Grad-CAM gradient pass failed; the predictions stand")
+        return BatchExplanations(probs, [None] * n, f"Grad-CAM failed: {exc}", None)

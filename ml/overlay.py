@@ -19,14 +19,21 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["VIRIDIS", "colorize", "map_from_json", "render_overlay"]
+__all__ = [
+    "DEFAULT_OPACITY",
+    "VIRIDIS",
+    "colorize",
+    "map_from_json",
+    "render_from_stored",
+    "render_overlay",
+]
 
 # viridis at 0, 1/32, ..., 1 (matplotlib's _viridis_data, rounded to 8 bits).
-_VIRIDIS_STOPS = (
+_VIRIDIS_STOPS = str.split(
     "440154 470d60 48186a 482374 472d7b 453781 424086 3e4989 3b528b 375b8d 33638d 2f6b8e 2c728e "
     "297a8e 26828e 23898e 21918c 1f988b 1fa088 22a785 28ae80 32b67a 3fbc73 4ec36b 5ec962 70cf57 "
     "84d44b 98d83e addc30 c2df23 d8e219 ece51b fde725"
-).split()
+)
 
 
 def _lookup_table(stops: list[str]) -> npt.NDArray[np.uint8]:
@@ -127,7 +134,9 @@ def _draw_legend(canvas: Image.Image, top: int, strip: int, class_name: str) -> 
     draw.text((x, middle), words[2], fill=(0, 0, 0), font=font, anchor="lm")
 
 
-def render_from_stored(png: bytes, map_json: str | bytes, opacity: float = DEFAULT_OPACITY) -> bytes:
+def render_from_stored(
+    png: bytes, map_json: str | bytes, opacity: float = DEFAULT_OPACITY
+) -> bytes:
     """The overlay from what Redis holds: the stored image PNG and the map's JSON document."""
     doc = json.loads(map_json)
     with Image.open(io.BytesIO(png)) as image:
