@@ -143,7 +143,7 @@ def test_forward_gives_the_models_probabilities(vgg: keras.Model, precision: str
     np.testing.assert_allclose(probs, np.asarray(model(x, training=False)), atol=1e-6)
     for h in heatmaps:
         assert h.values.dtype == np.float32 and h.values.shape == (2, 2)
-        assert 0.0 <= h.values.min() and h.values.max() <= 1.0
+        assert h.values.min() >= 0.0 and h.values.max() <= 1.0
 
 
 def test_one_trace_for_every_batch_size(vgg: keras.Model) -> None:
