@@ -4,8 +4,8 @@ The map (``ml.explain``, conv-layer resolution, float32 in [0, 1]) is scaled bil
 stored image's own width and height: the model saw the image squashed to a square, so scaling
 each axis back puts every cell over the pixels it was computed from, at the image's aspect. The
 colours are matplotlib's *viridis*, perceptually uniform and readable in grayscale and by most
-colour-blind readers, from 33 of its stops interpolated linearly (matplotlib.s
-256-entry table: within 3.5/255 after rounding to 8 bits, tested): the web image has no matplotlib.
+colour-blind readers, from 33 of its stops interpolated linearly (within 3.5/255
+of matplotlib's 256-entry table after rounding to 8 bits, tested): the web image has no matplotlib.
 """
 
 from __future__ import annotations
