@@ -88,7 +88,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     started = datetime.now(UTC)
     report = measure(args.size, sizes, args.rounds, args.precision)
     report["started_at"] = started.isoformat(timespec="seconds")
-    report["command"] = " ".join(["python -m bench.explain", *(sys.argv[1:] if argv is None else argv)])
+    given = sys.argv[1:] if argv is None else list(argv)
+    report["command"] = " ".join(["python -m bench.explain", *given])
     out = RESULTS / f"explain-{started:%Y-%m-%d}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
