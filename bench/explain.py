@@ -5,8 +5,9 @@
 
 The two calls alternate on the same batch, round after round, so a machine whose load changes
 (other jobs on shared cores) slows both alike; the report gives the median ms of each per batch
-size and their ratio. Writes bench/results/explain-<UTC date>.json. The whole-stack cost (same
-stack with ``CXR_EXPLAIN=0``) is the ``explain off`` row of ``python -m bench.run``.
+size, their ratio, and the gradient pass alone (``gradient_ms``, part of the explained call).
+Writes bench/results/explain-<UTC date>.json. The whole-stack cost (the same stack with
+``CXR_EXPLAIN=0``) is the ``explain off`` row of ``python -m bench.run``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def measure(size: int, batch_sizes: Sequence[int], rounds: int, precision: str) 
         wanted = [True] * n
         clf.predict_batch(x)
         predict_and_explain(clf, x, wanted)  # the first call of a shape builds its kernels
-        plain, explained = [], []
+        plain, explained, gradient = [], [], []
         for _ in range(rounds):
             t0 = time.perf_counter()
             clf.predict_batch(x)
@@ -58,6 +59,7 @@ def measure(size: int, batch_sizes: Sequence[int], rounds: int, precision: str) 
             assert out.error is None, out.error
             plain.append((t1 - t0) * 1000)
             explained.append((t2 - t1) * 1000)
+            gradient.append((out.seconds or 0.0) * 1000)
         p, e = statistics.median(plain), statistics.median(explained)
         rows.append(
             {
@@ -66,6 +68,8 @@ def measure(size: int, batch_sizes: Sequence[int], rounds: int, precision: str) 
                 "plain_ms": round(p, 1),
                 "explained_ms": round(e, 1),
                 "ratio": round(e / p, 3),
+                # The gradient pass alone (decision rule + head gradient + maps), inside e.
+                "gradient_ms": round(statistics.median(gradient), 2),
                 "plain_images_per_s": round(n / p * 1000, 2),
                 "explained_images_per_s": round(n / e * 1000, 2),
             }
