@@ -182,6 +182,7 @@
   function figure(card, img, exp) {
     const fig = el("figure", "xray");
     const frame = el("div", "xray-frame");
+    if (img.naturalWidth && img.naturalHeight) frame.style.setProperty("--aspect", String(img.naturalWidth / img.naturalHeight));
     frame.append(img);
     fig.append(frame);
     if (!exp || !exp.map_url) {

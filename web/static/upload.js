@@ -16,7 +16,6 @@
   const submit = form.querySelector("button[type=submit]");
   const explain = document.getElementById("explain");
   const message = document.getElementById("upload-message");
-  const permalink = document.getElementById("permalink");
   const staged = new Map(); // card id -> File, until it is sent
   const sentIds = [];
 
@@ -108,8 +107,9 @@
         card.dataset.job = doc.id;
         card.dataset.url = doc.status_url;
         sentIds.push(doc.id);
-        permalink.href = "/results?" + sentIds.map((id) => "id=" + id).join("&");
-        permalink.parentElement.hidden = false;
+        // The address becomes the results page of everything sent: a reload (or a link) shows
+        // the same cards, rendered by the server.
+        history.replaceState(null, "", "/results?" + sentIds.map((id) => "id=" + id).join("&"));
         setState(card, "queued", "Queued…");
         poll(card);
         return;
