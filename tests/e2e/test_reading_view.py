@@ -430,3 +430,32 @@ def test_without_javascript_the_form_posts_and_the_results_appear_on_reload(
         expect(cards.nth(i).locator("a.json-link")).to_be_visible()
     assert page.locator("meta[http-equiv=refresh]").count() == 0
     shot(page, "no-js-results")
+
+
+def test_classify_with_nothing_chosen_says_so(page: Page, web_url: str) -> None:
+    page.goto(f"{web_url}/")
+    page.click("button[type=submit]")
+    expect(page.locator("#upload-message")).to_contain_text("Choose at least one X-ray")
+    assert page.evaluate("document.activeElement.id") == "dropzone"
+    expect(page.locator("section.card")).to_have_count(0)
+
+
+def test_the_explain_box_is_sent_with_each_upload(page: Page, web_url: str) -> None:
+    # Playwright does not record multipart bodies with files: the page's fetch is watched instead.
+    page.add_init_script(
+        """const realFetch = window.fetch;
+        window.sentForms = [];
+        window.fetch = (url, init) => {
+          if (init && init.body instanceof FormData) {
+            window.sentForms.push([...init.body.entries()].map(
+              ([k, v]) => [k, typeof v === "string" ? v : "file:" + v.name]));
+          }
+          return realFetch(url, init);
+        };"""
+    )
+    page.goto(f"{web_url}/")
+    page.get_by_label("Show where the model looked (Grad-CAM heatmap)").uncheck()
+    drop(page, [("quiet.png", "image/png", png_of(jpeg_xray(200, 160)))])
+    page.click("button[type=submit]")
+    expect(page.locator("section.card .status.done")).to_be_visible(timeout=60_000)
+    assert page.evaluate("window.sentForms") == [[["file", "file:quiet.png"], ["explain", "0"]]]
