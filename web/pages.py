@@ -12,7 +12,7 @@ from markupsafe import Markup, escape
 from werkzeug.wrappers import Response as BaseResponse
 
 from web import metrics, prediction_client
-from web.api import image_error_status, read_upload
+from web.api import explain_requested, image_error_status, read_upload
 from worker.client import NO_MODEL_MESSAGE, ImageError, NoModelError, QueueFullError, is_job_id
 
 bp = Blueprint("pages", __name__)
@@ -84,7 +84,9 @@ def meta_text(doc: dict[str, Any]) -> str:
     elapsed = doc.get("elapsed_ms")
     seconds = f"{elapsed / 1000:.2f} s" if elapsed is not None else "?"
     model = (result.get("timings_ms") or {}).get("model")
-    timing = f" (model {model:.0f} ms)" if model is not None else ""
+    explain = (result.get("timings_ms") or {}).get("explain")
+    gradcam = f", Grad-CAM {explain:.0f} ms" if explain is not None else ""
+    timing = f" (model {model:.0f} ms{gradcam})" if model is not None else ""
     return (
         f"Model version {result.get('model_version')} · {rule} · "
         f"{seconds} from upload to result{timing}"
@@ -116,10 +118,12 @@ def upload() -> BaseResponse | tuple[str, int] | tuple[str, int, dict[str, str]]
     accepted: list[tuple[str, str]] = []
     errors: list[tuple[str, str]] = []
     status = 200
+    explain = explain_requested()
     for storage in files:
         name = storage.filename or "upload"
         try:
-            accepted.append((name, prediction_client().submit(read_upload(storage), name)))
+            job_id = prediction_client().submit(read_upload(storage), name, explain=explain)
+            accepted.append((name, job_id))
         except ImageError as exc:
             metrics.rejected(exc.code)
             errors.append((name, str(exc)))

@@ -115,8 +115,10 @@
   function metaText(doc) {
     const result = doc.result;
     const seconds = doc.elapsed_ms != null ? (doc.elapsed_ms / 1000).toFixed(2) + " s" : "?";
-    const model = result.timings_ms && result.timings_ms.model != null
-      ? " (model " + result.timings_ms.model.toFixed(0) + " ms)" : "";
+    const t = result.timings_ms || {};
+    const model = t.model != null
+      ? " (model " + t.model.toFixed(0) + " ms" + (t.explain != null ? ", Grad-CAM " + t.explain.toFixed(0) + " ms" : "") + ")"
+      : "";
     return "Model version " + result.model_version + " · " + ruleText(result) + " · " +
       seconds + " from upload to result" + model;
   }
@@ -152,20 +154,20 @@
     const linkBox = card.querySelector(".links");
     linkBox.replaceChildren();
     links.forEach((a, i) => linkBox.append(...(i ? [" · ", a] : [a])));
-    showImage(card, doc, exp || null);
+    showImage(card, doc, exp || null, result.label == null ? "no prediction was made" : result.explanation_reason);
     if (window.cxrUntrained && typeof window.cxrUntrained.mark === "function") {
       window.cxrUntrained.mark(card, result);
     }
   }
 
   // The de-identified X-ray the model judged, once /image.png answers; no figure otherwise.
-  function showImage(card, doc, exp) {
+  function showImage(card, doc, exp, reason) {
     const slot = card.querySelector(".figure-slot");
     const name = doc.filename || "the upload";
     const img = new Image();
     img.className = "xray-image";
     img.alt = `The X-ray the model judged (${name}), de-identified`;
-    img.addEventListener("load", () => slot.replaceChildren(figure(card, img, exp)));
+    img.addEventListener("load", () => slot.replaceChildren(figure(card, img, exp, reason)));
     img.addEventListener("error", () => {
       // Without the plain image, the server's overlay (which includes the X-ray) still shows it.
       if (exp && exp.heatmap_url && !img.dataset.fallback) {
@@ -179,14 +181,15 @@
     img.src = card.dataset.url + "/image.png";
   }
 
-  function figure(card, img, exp) {
+  function figure(card, img, exp, reason) {
     const fig = el("figure", "xray");
     const frame = el("div", "xray-frame");
     if (img.naturalWidth && img.naturalHeight) frame.style.setProperty("--aspect", String(img.naturalWidth / img.naturalHeight));
     frame.append(img);
     fig.append(frame);
     if (!exp || !exp.map_url) {
-      fig.append(el("figcaption", "hint", exp ? "The heatmap data is not available." : "No heatmap for this result."));
+      const why = reason ? `No heatmap: ${reason}.` : "No heatmap for this result.";
+      fig.append(el("figcaption", "hint", exp ? "The heatmap data is not available." : why));
       return fig;
     }
     const canvas = el("canvas", "heatmap");
