@@ -428,6 +428,11 @@ def test_without_javascript_the_form_posts_and_the_results_appear_on_reload(
         expect(cards.nth(i).locator(".bar-row")).to_have_count(len(CLASSES))
         expect(cards.nth(i).locator(".meta")).to_contain_text("Model version 1")
         expect(cards.nth(i).locator("a.json-link")).to_be_visible()
+        doc = api_result(web_url, page, i)
+        if doc["result"].get("explanation"):  # the server's overlay, which has the X-ray under it
+            src = cards.nth(i).locator("img.xray-image").get_attribute("src")
+            assert src == doc["result"]["explanation"]["heatmap_url"]
+            assert cards.nth(i).locator("img.xray-image").evaluate("i => i.naturalWidth") > 0
     assert page.locator("meta[http-equiv=refresh]").count() == 0
     shot(page, "no-js-results")
 
