@@ -78,7 +78,7 @@ def test_the_flag_travels_with_the_job(
 def test_the_form_has_a_checked_explain_box(client: FlaskClient) -> None:
     page = client.get("/").get_data(as_text=True)
     assert 'name="explain" type="checkbox" value="1" checked' in page
-    assert "explain (Grad-CAM)" in page
+    assert "Show where the model looked (Grad-CAM heatmap)" in page
 
 
 @pytest.mark.parametrize(("values", "stored"), [(["0", "1"], b"1"), (["0"], b"0")])
