@@ -300,6 +300,7 @@ def model_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
         parent_version=1,
         training_seconds=12.5,
         job_id="a" * 32,
+        trained=True,
         metrics={k: EVALUATION[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
     )
     meta_path.write_text(json.dumps(meta))

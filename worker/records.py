@@ -41,6 +41,9 @@ class PredictionResult:
     batch_size: int
     timings_ms: Timings
     precision: str = "float32"  # what the model computed in; the probabilities are float32
+    # False: the version was never fine-tuned (ml.versions.ModelMetadata.trained): its label
+    # is not a diagnosis, and every page showing it says so.
+    model_trained: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-native form (the API's ``result`` object)."""
@@ -63,6 +66,8 @@ class PredictionResult:
             batch_size=data["batch_size"],
             timings_ms=Timings(**fields),
             precision=data.get("precision", "float32"),
+            # Results stored before the field existed came from versions taken as trained.
+            model_trained=bool(data.get("model_trained", True)),
         )
 
     @classmethod

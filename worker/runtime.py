@@ -202,6 +202,7 @@ class WorkerRuntime:
                 worker_total=round((time.time() - started) * 1000, 2),
             ),
             precision=classifier.precision,
+            model_trained=classifier.trained,
         )
         self._finish(job_id, result=result)
 

@@ -27,6 +27,7 @@ function showResult(card, doc) {
     row.append(track, el("span", "bar-value", (p * 100).toFixed(1) + " %"));
     bars.append(row);
   }
+  if (window.cxrUntrained) window.cxrUntrained.mark(card, result);
   const seconds = doc.elapsed_ms !== undefined ? (doc.elapsed_ms / 1000).toFixed(2) + " s" : "?";
   card.querySelector(".meta").textContent =
     "Model version " + result.model_version + " · " + seconds + " from upload to result" +
