@@ -168,17 +168,17 @@ def decide(
     """
     if not settings.first_run:
         return Decision(False, FirstRunRecord("disabled", "CXR_FIRST_RUN is off", now))
-    if versions:
-        why = f"the registry holds {len(versions)} version(s) (latest {versions[-1]})"
-        return Decision(False, FirstRunRecord("not_needed", why, now))
     # A first-run job queued, running (a trainer restarted mid-run gets it redelivered), or done
-    # with its version about to appear: never a second one. A failed or cancelled one, or one
-    # whose record is gone, is tried again.
+    # (its record is kept for the home page and /readyz): never a second one. A failed or
+    # cancelled one, or one whose job record is gone, is tried again.
     under_way = previous_job_status is not None and (
         previous_job_status not in FINAL_JOB_STATES or previous_job_status == "done"
     )
     if previous is not None and previous.state == "started" and under_way:
         return Decision(False, None)
+    if versions:
+        why = f"the registry holds {len(versions)} version(s) (latest {versions[-1]})"
+        return Decision(False, FirstRunRecord("not_needed", why, now))
     if dataset is None:
         where = settings.data_dir
         named = settings.first_run_dataset
