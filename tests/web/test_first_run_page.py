@@ -236,9 +236,8 @@ def test_the_admin_api_lists_trained(
 
     untrained_registry(settings, tiny_model_dir, trained=False)
     token = "first-run-test-admin-token"
-    admin = create_app(
-        {"TESTING": True, "CXR_SETTINGS": settings.model_copy(update={"admin_token": SecretStr(token)})}
-    ).test_client()
+    with_token = settings.model_copy(update={"admin_token": SecretStr(token)})
+    admin = create_app({"TESTING": True, "CXR_SETTINGS": with_token}).test_client()
     headers = {"Authorization": f"Bearer {token}"}
     doc = admin.get("/api/v1/admin/models", headers=headers).get_json()
     assert doc["versions"][0]["trained"] is False

@@ -47,9 +47,7 @@ def test_an_empty_registry_with_a_dataset_trains_and_serves_a_first_model(
     keys = Keys(settings.key_prefix)
     logs = tmp_path / "logs"
     logs.mkdir()
-    trainers = [
-        start_worker(settings, logs, trainer=True, name=f"trainer{i}") for i in range(2)
-    ]
+    trainers = [start_worker(settings, logs, trainer=True, name=f"trainer{i}") for i in range(2)]
     worker = None
     try:
         wait_for(lambda: all("ready" in t.log() for t in trainers), 90, "both trainers")
