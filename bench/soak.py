@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,7 @@ import requests
 from bench.configs import RESULTS
 from bench.loadgen import load_images, percentile
 from bench.stack import ROOT, free_port, make_model, wait_until
+from worker.client import as_text
 
 INPUT_SIZE = 64
 WORKERS = 2
@@ -127,6 +129,18 @@ class Soak:
             "--threads", "32", "--log-level", "warning", "web:create_app()",
         ])  # fmt: skip
         wait_until(lambda: self.serving() == [1] * WORKERS, 240, "both workers serving")
+
+    def supervise(self, stop: threading.Event, t0: float, events: list[Json]) -> None:
+        """Restart any inference worker that exited, a second later (compose's restart policy)."""
+        while not stop.wait(0.5):
+            for i in range(WORKERS):
+                proc = self.procs[f"worker{i}"]
+                if proc.poll() is None:
+                    continue
+                events.append({"at": round(time.monotonic() - t0, 2), "worker": i,
+                               "exit_code": proc.returncode})  # fmt: skip
+                time.sleep(1.0)
+                self.start_worker(i)
 
     def serving(self) -> list[int | None]:
         """The version each live worker process serves (from /readyz)."""
@@ -224,9 +238,7 @@ def _faults(soak: Soak, duration: float, t0: float, log: list[Json]) -> None:
 
     at(0.25)
     start = now()
-    soak.signal("worker0", signal.SIGKILL)
-    time.sleep(1.0)  # a supervisor's restart delay
-    soak.start_worker(0)
+    soak.signal("worker0", signal.SIGKILL)  # Soak.supervise starts it again a second later
     wait_until(lambda: soak.serving() == [1] * WORKERS, 120, "the restarted worker")
     log.append({"fault": "kill -9 worker", "start": start, "end": now()})
 
@@ -236,7 +248,7 @@ def _faults(soak: Soak, duration: float, t0: float, log: list[Json]) -> None:
     time.sleep(5.0)
     soak.start_redis()
     back = now()
-    wait_until(lambda: len(soak.serving()) == WORKERS, 60, "workers after the Redis restart")
+    wait_until(lambda: soak.serving() == [1] * WORKERS, 90, "workers after the Redis restart")
     log.append({"fault": "Redis restart", "start": start, "end": now(), "redis_back": back})
 
     at(0.75)
@@ -268,6 +280,11 @@ def analyse(soak: Soak, ups: list[Upload], log: list[Json], duration: float) -> 
     accepted = [u for u in ups if u.status == 202]
     finishes = {u.job_id: int(client.llen(f"cxr:done:{u.job_id}")) for u in accepted}
     lost = [u.job_id for u in accepted if u.final is None]
+    lost_states: dict[str, int] = {}  # where the lost ones stopped
+    for job_id in lost:
+        raw = client.hget(f"cxr:job:{job_id}", "status")
+        state = as_text(raw) if raw is not None else "missing"
+        lost_states[state] = lost_states.get(state, 0) + 1
     twice = [j for j, n in finishes.items() if n > 1]
     changed = []  # the stored answer differs from the one the client saw: answered again
     for u in accepted:
@@ -304,6 +321,7 @@ def analyse(soak: Soak, ups: list[Upload], log: list[Json], duration: float) -> 
         "failed_answers": sum(1 for u in accepted if u.final == "failed"),
         "lost": len(lost),
         "lost_ids": lost[:20],
+        "lost_states": lost_states,
         "finished_twice": len(twice),
         "answer_changed": len(changed),
         "versions": sorted({u.model_version for u in accepted if u.model_version is not None}),
@@ -326,8 +344,11 @@ def print_table(report: Json) -> None:
           f"{a['finished_twice']}, answer changed {a['answer_changed']}")  # fmt: skip
     print(f"  5xx outside the outage: {a['5xx_outside_outage']} {a['5xx_outside_outage_codes']}; "
           f"inside: {a['5xx_inside_outage']} (non-503: {a['non_503_inside_outage']})")  # fmt: skip
+    print(f"  lost uploads stopped in: {a['lost_states']}")
     for f in report["faults"]:
-        print(f"  {f['fault']}: {f['start']} s -> {f['end']} s")
+        print(f"  {f['fault']}: {f['start']} s -> {f['end']} s {f.get('error', '')}")
+    for e in report["worker_exits"]:
+        print(f"  worker {e['worker']} exited at {e['at']} s with {e['exit_code']} (restarted)")
     print(f"\n  {'fault':<18} {'before p50/p99':>16} {'during p50/p99':>16} {'after p50/p99':>16}")
     for p in a["latency"]:
         cells = [f"{p[k]['p50']}/{p[k]['p99']} ms" for k in ("before", "during", "after")]
@@ -341,12 +362,13 @@ def main(argv: list[str] | None = None) -> None:
         "--rate", type=float, help="uploads per second (default: 80 %% of capacity)"
     )
     parser.add_argument(
-        "--visibility-timeout", type=int, default=20,
+        "--visibility-timeout", type=int, default=60,
         help="CXR_VISIBILITY_TIMEOUT_SECONDS: when the killed worker's tasks are redelivered",
     )  # fmt: skip
     parser.add_argument(
         "--out", type=Path, help="JSON file (default bench/results/soak-<date>.json)"
     )
+    parser.add_argument("--keep", action="store_true", help="keep the folder with the logs")
     args = parser.parse_args(argv)
     if args.duration < 60:
         parser.error("--duration must be at least 60 s (faults need room)")
@@ -362,6 +384,10 @@ def main(argv: list[str] | None = None) -> None:
         log: list[Json] = []
         t0 = time.monotonic()
         drain = args.visibility_timeout + 40
+        exits: list[Json] = []
+        stop = threading.Event()
+        supervisor = threading.Thread(target=soak.supervise, args=(stop, t0, exits), daemon=True)
+        supervisor.start()
         fault_thread = threading.Thread(target=faults, args=(soak, args.duration, t0, log))
         fault_thread.start()
         # Open loop: uploads are sent on schedule whatever the answers do; latency counts from
@@ -375,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
             pool.submit(upload, soak, up, images[i % len(images)], t0, t0 + args.duration + drain)
         pool.shutdown(wait=True)
         fault_thread.join()
+        stop.set()
+        supervisor.join()
         report = {
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "command": "python -m bench.soak " + " ".join(argv or sys.argv[1:]),
@@ -385,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
             "visibility_timeout_s": args.visibility_timeout,
             "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
             "faults": log,
+            "worker_exits": exits,  # the kill -9 and any crash; each restarted 1 s later
             "analysis": analyse(soak, ups, log, args.duration),
         }  # fmt: skip
         out = args.out or RESULTS / f"soak-{datetime.now(UTC):%Y-%m-%d}.json"
@@ -393,6 +422,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"\nsaved {out}")
     finally:
         soak.stop_all()
+        if args.keep:
+            print(f"logs and data in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
