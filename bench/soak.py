@@ -59,6 +59,8 @@ class Upload:
     index: int
     at: float
     status: int | None = None  # of the POST; None: no HTTP answer
+    answered_post: float | None = None  # when the POST's answer (or its failure) came
+    error: str | None = None  # the JSON error code of a refused POST
     job_id: str | None = None
     final: str | None = None  # done / failed
     answered_at: float | None = None
@@ -142,6 +144,11 @@ class Soak:
                 time.sleep(1.0)
                 self.start_worker(i)
 
+    def names(self) -> set[str]:
+        """The names (host:pid) of the worker processes serving now."""
+        doc = requests.get(f"{self.web_url}/readyz", timeout=3).json()
+        return {w["name"] for w in doc.get("workers", []) if w["state"] == "serving"}
+
     def serving(self) -> list[int | None]:
         """The version each live worker process serves (from /readyz)."""
         doc = requests.get(f"{self.web_url}/readyz", timeout=3).json()
@@ -169,10 +176,14 @@ def upload(soak: Soak, up: Upload, image: tuple[str, bytes], t0: float, deadline
             f"{soak.web_url}/api/v1/predictions", files={"file": (name, data)}, timeout=30
         )
         up.status = r.status_code
+        up.answered_post = time.monotonic() - t0
         if r.status_code != 202:
+            with suppress(ValueError):
+                up.error = r.json().get("error")
             return
         up.job_id = r.json()["id"]
     except requests.RequestException:
+        up.answered_post = time.monotonic() - t0
         return
     url = f"{soak.web_url}/api/v1/predictions/{up.job_id}?wait={POLL_WAIT}"
     while time.monotonic() < deadline:
@@ -238,8 +249,11 @@ def _faults(soak: Soak, duration: float, t0: float, log: list[Json]) -> None:
 
     at(0.25)
     start = now()
+    before = soak.names()
     soak.signal("worker0", signal.SIGKILL)  # Soak.supervise starts it again a second later
-    wait_until(lambda: soak.serving() == [1] * WORKERS, 120, "the restarted worker")
+    # Until its successor serves (the dead one's heartbeat lives on for a few seconds).
+    wait_until(lambda: len(soak.names() - before) == 1 and soak.serving() == [1] * WORKERS,
+               120, "the restarted worker")  # fmt: skip
     log.append({"fault": "kill -9 worker", "start": start, "end": now()})
 
     at(0.50)
@@ -297,7 +311,8 @@ def analyse(soak: Soak, ups: list[Upload], log: list[Json], duration: float) -> 
     def inside(t: float) -> bool:
         return lo <= t < hi
 
-    codes: list[tuple[float, int | None]] = [(u.at, u.status) for u in ups]
+    # Classified by when the answer came: an upload scheduled before the outage may be sent in it.
+    codes: list[tuple[float, int | None]] = [(u.answered_post or u.at, u.status) for u in ups]
     codes += [e for u in ups for e in u.poll_errors]
     bad_out = [c for t, c in codes if not inside(t) and (c is None or c >= 500)]
     bad_in = [c for t, c in codes if inside(t) and (c is None or c >= 500)]
@@ -312,7 +327,8 @@ def analyse(soak: Soak, ups: list[Upload], log: list[Json], duration: float) -> 
         })  # fmt: skip
     by_status: dict[str, int] = {}
     for u in ups:
-        by_status[str(u.status)] = by_status.get(str(u.status), 0) + 1
+        key = str(u.status) + (f" {u.error}" if u.error else "")
+        by_status[key] = by_status.get(key, 0) + 1
     return {
         "uploads": len(ups),
         "post_status": by_status,
