@@ -50,6 +50,12 @@ def add_local_commands(sub: Any) -> None:
         "--classes", required=True, help="comma-separated class names, in output order"
     )
     imp.add_argument("--note", help="free text kept in the version's metadata")
+    imp.add_argument(
+        "--untrained",
+        action="store_true",
+        help="mark the version as never trained (its answers are shown as not a diagnosis); "
+        "without it an imported model counts as trained",
+    )
 
     calibrate = sub.add_parser(
         "calibrate",
@@ -111,8 +117,12 @@ def cmd_init_model(args: argparse.Namespace) -> int:
         class_names=classes,
         base_weights=base,
         extra={"trained": False, "note": "untrained head, created by `cxr init-model`"},
+        trained=False,
     )
-    print(f"wrote version {metadata.version} to {args.model_dir / str(metadata.version)}")
+    print(
+        f"wrote version {metadata.version} to {args.model_dir / str(metadata.version)} "
+        "(UNTRAINED: its answers are not a diagnosis until it is fine-tuned)"
+    )
     activate_if_first(args.model_dir, metadata.version)
     return 0
 
@@ -153,12 +163,22 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"{args.file}: no such file", file=sys.stderr)
         return 2
     try:
-        metadata = import_model(args.file, args.model_dir, class_names=classes, note=args.note)
+        metadata = import_model(
+            args.file,
+            args.model_dir,
+            class_names=classes,
+            note=args.note,
+            trained=not args.untrained,
+        )
     except IncompatibleModelError as exc:
         print(f"cannot import {args.file}: {exc}", file=sys.stderr)
         return 2
     path = args.model_dir / str(metadata.version)
-    print(f"imported {args.file} as version {metadata.version} ({metadata.input_size}px) to {path}")
+    mark = "" if metadata.trained else ", UNTRAINED"
+    print(
+        f"imported {args.file} as version {metadata.version} ({metadata.input_size}px{mark}) "
+        f"to {path}"
+    )
     activate_if_first(args.model_dir, metadata.version)
     return 0
 
@@ -214,11 +234,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.json or args.json_output:
             doc = {"image": str(path), "label": prediction.label, "model_version": version}
             doc["decision_threshold"] = threshold
+            doc["model_trained"] = classifier.trained
             print(json.dumps({**doc, "probabilities": prediction.probabilities}))
         else:
             probs = "  ".join(f"{k}={v:.3f}" for k, v in prediction.probabilities.items())
             rule = "" if threshold is None else f", threshold {threshold:.3f}"
-            print(f"{path}: {prediction.label}  ({probs})  [model v{version}{rule}]")
+            mark = "" if classifier.trained else "  UNTRAINED model: not a diagnosis"
+            print(f"{path}: {prediction.label}  ({probs})  [model v{version}{rule}]{mark}")
     return 1 if failures else 0
 
 
@@ -231,7 +253,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
         print(f"no model versions in {args.model_dir}")
     for v in versions:
         m = read_metadata(args.model_dir, v)
-        print(f"{v}\t{m.created_at}\t{m.input_size}px\t{','.join(m.class_names)}\t{m.base_weights}")
+        mark = "" if m.trained else "\tUNTRAINED"
+        line = f"{v}\t{m.created_at}\t{m.input_size}px\t{','.join(m.class_names)}\t{m.base_weights}"
+        print(line + mark)
     return 0
 
 

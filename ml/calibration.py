@@ -93,4 +93,6 @@ def calibrate_version(
         curves_png=curves.read_bytes() if curves is not None else None,
         decision_threshold=threshold,
         extra={"calibrated_from": version},
+        # New labels on the same weights: trained exactly when its parent was.
+        trained=meta.trained,
     )

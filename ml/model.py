@@ -100,6 +100,7 @@ class Classifier:
         class_names: Sequence[str],
         version: int | None = None,
         decision_threshold: float | None = None,
+        trained: bool = True,
     ):
         shape = model.input_shape
         if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 1:
@@ -113,6 +114,9 @@ class Classifier:
         self.input_size = int(shape[1])
         self.version = version
         self.decision_threshold = decision_threshold
+        # False: a version never fine-tuned (ml.versions.ModelMetadata.trained); its answers
+        # carry the mark.
+        self.trained = trained
         self.precision = model_precision(model)
         self._negative = negative_index(self.class_names)
         self._call = tf.function(

@@ -61,16 +61,43 @@ class ModelMetadata:
     # On 1 - p(negative class); None = argmax. Chosen on the validation split (ml.decision).
     decision_threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # False for a version never fine-tuned (`cxr init-model`: a random or ImageNet base under a
+    # fresh head): its answers mean nothing and are marked so wherever they appear.
+    trained: bool = True
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelMetadata:
-        """Read metadata written by :meth:`to_dict`, ignoring keys it does not know."""
+        """Read metadata written by :meth:`to_dict`, ignoring keys it does not know.
+
+        Metadata written before ``trained`` existed gets it from :func:`infer_trained`.
+        """
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if not isinstance(values.get("trained"), bool):
+            values["trained"] = infer_trained(
+                values.get("extra") or {},
+                bool(values.get("metrics")),
+                values.get("training_seconds") is not None,
+            )
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-native form stored in ``metadata.json``."""
         return asdict(self)
+
+
+def infer_trained(extra: dict[str, Any], evaluated: bool, timed: bool) -> bool:
+    """Whether a version whose metadata does not say was trained.
+
+    ``extra["trained"]`` when present (``cxr init-model`` wrote ``False`` there before the field
+    existed); an imported model counts as trained (it was trained elsewhere; ``cxr import
+    --untrained`` says otherwise); else a version with an evaluation or a training time was
+    trained, one with neither (a bare ``save_version`` of a freshly built model) was not.
+    """
+    flag = extra.get("trained")
+    if isinstance(flag, bool):
+        return flag
+    return "imported_from" in extra or evaluated or timed
 
 
 def _is_number(name: str) -> bool:
@@ -152,8 +179,12 @@ def save_version(
     job_id: str | None = None,
     decision_threshold: float | None = None,
     extra: dict[str, Any] | None = None,
+    trained: bool | None = None,
 ) -> ModelMetadata:
     """Publish ``model`` as the next version number under ``model_dir`` and return its metadata.
+
+    ``trained`` says whether the weights were fine-tuned (``None``: :func:`infer_trained` from
+    ``extra``, ``evaluation`` and ``training_seconds``).
 
     The model is saved in float32 whatever precision it was trained in (its variables are float32
     under a mixed policy, so nothing is lost), so every version loads the same way.
@@ -178,6 +209,10 @@ def save_version(
             for k in ("accuracy", "sensitivity", "specificity", "roc_auc")
             if evaluation and k in evaluation
         }
+        if trained is None:
+            trained = infer_trained(
+                extra or {}, evaluation is not None, training_seconds is not None
+            )
         while True:
             version += 1
             metadata = ModelMetadata(
@@ -193,6 +228,7 @@ def save_version(
                 job_id=job_id,
                 decision_threshold=decision_threshold,
                 extra=dict(extra or {}),
+                trained=trained,
             )
             (staging / METADATA_FILE).write_text(json.dumps(metadata.to_dict(), indent=2) + "\n")
             try:
@@ -231,8 +267,12 @@ def import_model(
     class_names: list[str],
     base_weights: str | None = None,
     note: str | None = None,
+    trained: bool = True,
 ) -> ModelMetadata:
-    """Publish an existing Keras model file (e.g. trained in a notebook) as a new version."""
+    """Publish an existing Keras model file (e.g. trained in a notebook) as a new version.
+
+    It counts as trained unless ``trained=False`` says otherwise (``cxr import --untrained``).
+    """
     import keras
 
     try:
@@ -246,6 +286,7 @@ def import_model(
         class_names=class_names,
         base_weights=base_weights,
         extra={"imported_from": os.fspath(source), **({"note": note} if note else {})},
+        trained=trained,
     )
 
 
@@ -268,6 +309,7 @@ def load_classifier(model_dir: PathLike, version: int, precision: str = "float32
         metadata.class_names,
         version=metadata.version,
         decision_threshold=metadata.decision_threshold,
+        trained=metadata.trained,
     )
 
 

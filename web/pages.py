@@ -7,13 +7,17 @@ import re
 from pathlib import Path
 from typing import Any
 
+import redis
 from flask import Blueprint, Response, current_app, redirect, render_template, request, url_for
 from markupsafe import Markup, escape
 from werkzeug.wrappers import Response as BaseResponse
 
-from web import metrics, prediction_client
+from web import extension, metrics, prediction_client
 from web.api import explain_requested, image_error_status, read_upload
+from web.first_run import panel as first_run_panel
+from worker.catalog import ModelCatalog
 from worker.client import NO_MODEL_MESSAGE, ImageError, NoModelError, QueueFullError, is_job_id
+from worker.registry import ActiveVersion
 
 bp = Blueprint("pages", __name__)
 
@@ -93,18 +97,34 @@ def meta_text(doc: dict[str, Any]) -> str:
     )
 
 
-def no_model_message() -> str | None:
-    """Return the no-model message when the live workers say they have nothing to serve."""
-    workers = prediction_client().workers()
-    if workers and all(w.state in ("no_model", "error") for w in workers):
-        return NO_MODEL_MESSAGE
-    return None
+def untrained_version() -> int | None:
+    """The active version's number when it was never trained (its answers are marked), else None."""
+    try:
+        active = extension("cxr_registry", ActiveVersion).get()
+    except redis.RedisError:
+        return None
+    if active is None or not extension("cxr_models", ModelCatalog).untrained(active):
+        return None
+    return active
+
+
+def form_page(status_notice: str | None = None, **context: object) -> str:
+    """The upload form with the first-run panel (web.first_run) while no model is served."""
+    first_run = first_run_panel()
+    return render_template(
+        "index.html",
+        first_run=first_run,
+        no_model_message=NO_MODEL_MESSAGE,
+        untrained_version=untrained_version(),
+        notice=None if first_run and status_notice == NO_MODEL_MESSAGE else status_notice,
+        **({"errors": [], "accepted": []} | context),
+    )
 
 
 @bp.get("/")
 def index() -> str:
     """The upload form."""
-    return render_template("index.html", notice=no_model_message(), errors=[], accepted=[])
+    return form_page()
 
 
 @bp.post("/")
@@ -112,9 +132,7 @@ def upload() -> BaseResponse | tuple[str, int] | tuple[str, int, dict[str, str]]
     """Queue every uploaded file; show the results page, or the form again with what failed."""
     files = [f for f in request.files.getlist("files") if f.filename or f.content_length]
     if not files:
-        return render_template(
-            "index.html", notice=None, errors=[("", "Choose at least one X-ray.")], accepted=[]
-        ), 400
+        return form_page(errors=[("", "Choose at least one X-ray.")]), 400
     accepted: list[tuple[str, str]] = []
     errors: list[tuple[str, str]] = []
     status = 200
@@ -130,14 +148,14 @@ def upload() -> BaseResponse | tuple[str, int] | tuple[str, int, dict[str, str]]
             status = image_error_status(exc)
         except NoModelError as exc:
             metrics.rejected("no_model")
-            return render_template("index.html", notice=str(exc), errors=[], accepted=[]), 503
+            return form_page(str(exc)), 503
         except QueueFullError as exc:
             metrics.rejected("queue_full")
-            page = render_template("index.html", notice=str(exc), errors=[], accepted=accepted)
+            page = form_page(str(exc), accepted=accepted)
             return page, 503, {"Retry-After": str(exc.retry_after)}
     if not errors:
         return redirect(url_for("pages.results", id=[job for _, job in accepted]), code=303)
-    return render_template("index.html", notice=None, errors=errors, accepted=accepted), status
+    return form_page(errors=errors, accepted=accepted), status
 
 
 @bp.get("/results")
@@ -145,10 +163,12 @@ def results() -> Response | tuple[str, int]:
     """A card per job id as it stands; reloading (or results.js) shows the ones still running."""
     ids = [i for i in request.args.getlist("id") if is_job_id(i)][:50]
     if not ids:
-        return render_template(
-            "index.html", notice=None, errors=[("", "No prediction ids given.")], accepted=[]
-        ), 404
+        return form_page(errors=[("", "No prediction ids given.")]), 404
     client = prediction_client()
     cards = [card_view(i, client.status(i)) for i in ids]
     pending = any(c["state"] in ("queued", "running") for c in cards)
-    return Response(render_template("results.html", cards=cards, pending=pending))
+    return Response(
+        render_template(
+            "results.html", cards=cards, pending=pending, untrained_version=untrained_version()
+        )
+    )

@@ -40,6 +40,13 @@ class ModelCatalog:
         """Whether ``version`` exists."""
         return has_version(self.model_dir, version)
 
+    def untrained(self, version: int) -> bool:
+        """Whether ``version`` exists and was never trained (its answers are marked so)."""
+        try:
+            return not read_metadata(self.model_dir, version).trained
+        except (VersionNotFoundError, OSError, ValueError, TypeError):
+            return False
+
     def curves(self, version: int) -> Path | None:
         """The training curves PNG of ``version``, if it exists and has one."""
         return curves_path(self.model_dir, version) if self.has(version) else None
@@ -63,6 +70,7 @@ class ModelCatalog:
             "training_seconds": meta.training_seconds,
             "job_id": meta.job_id,
             "decision_threshold": meta.decision_threshold,
+            "trained": meta.trained,
             "active": version == active,
             "has_curves": curves_path(self.model_dir, version) is not None,
         }

@@ -50,7 +50,10 @@ __all__ = [
 NO_MODEL_MESSAGE = (
     "No model version is active yet. Create one: with Docker Compose, "
     "`docker compose run --rm worker cxr init-model --base imagenet`; on a local install, "
-    "`cxr init-model` (README, 'A first model'). Or promote an existing one (`cxr promote N`). "
+    "`cxr init-model` (README, 'A first model'); such a version is untrained, its answers are "
+    "not a diagnosis. Or put a dataset in ./data (train/ and test/, a folder per class) and "
+    "restart the trainer (`docker compose restart trainer`): it then fine-tunes a first model "
+    "by itself. Or import a trained one (`cxr import`) or promote one (`cxr promote N`). "
     "Running workers pick it up within seconds, no restart needed."
 )
 
@@ -127,6 +130,14 @@ class Keys:
     def training_index(self) -> str:
         """Sorted set of fine-tuning job ids by creation time."""
         return f"{self.prefix}:train:jobs"
+
+    def first_run(self) -> str:
+        """Hash: what the first run (worker.first_run) decided: state, job id, reason."""
+        return f"{self.prefix}:first-run"
+
+    def first_run_lock(self) -> str:
+        """Taken with SET NX by the trainer deciding the first run, so only one starts it."""
+        return f"{self.prefix}:first-run:lock"
 
 
 @dataclass(frozen=True)

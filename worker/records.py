@@ -81,6 +81,9 @@ class PredictionResult:
     precision: str = "float32"  # what the model computed in; the probabilities are float32
     explanation: Explanation | None = None  # the Grad-CAM map; None: see explanation_reason
     explanation_reason: str | None = None  # why there is no explanation (off, failed, no conv)
+    # False: the version was never fine-tuned (ml.versions.ModelMetadata.trained): its label
+    # is not a diagnosis, and every page showing it says so.
+    model_trained: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-native form (the API's ``result`` object)."""
@@ -106,6 +109,8 @@ class PredictionResult:
             # Records written before explanations existed have neither field.
             explanation=_explanation(data.get("explanation")),
             explanation_reason=data.get("explanation_reason"),
+            # Results stored before the field existed came from versions taken as trained.
+            model_trained=bool(data.get("model_trained", True)),
         )
 
     @classmethod

@@ -207,6 +207,7 @@ class WorkerRuntime:
                 worker_total=round((time.time() - started) * 1000, 2),
             ),
             precision=classifier.precision,
+            model_trained=classifier.trained,
         )
         heatmap_json = None
         if batch.heatmap is not None:

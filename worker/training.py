@@ -195,6 +195,7 @@ class TrainingRunner:
             curves_png=result.curves_png,
             job_id=job_id,
             decision_threshold=result.decision_threshold,
+            trained=True,
         )
         promotion = self._promote(
             job_id, request.promotion or "if_better", metadata.version, result.evaluation,

@@ -54,7 +54,10 @@ def result_ids(location: str) -> list[str]:
 # --- the upload form --------------------------------------------------------------------------
 
 
-def test_index_has_the_upload_form(client: FlaskClient) -> None:
+def test_index_has_the_upload_form(
+    client: FlaskClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    heartbeat(redis_client, settings, "serving", 1)  # no notice while a model is served
     response = client.get("/")
     assert response.status_code == 200
     page = html(response)
