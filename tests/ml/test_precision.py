@@ -116,6 +116,8 @@ def load_split(split: str, size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.stack(xs), np.array(ys)
 
 
+# A loaded 2-core machine took 620 s (an idle one far less): beyond the suite's 300 s default.
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(DATA_DIR is None, reason="CXR_TEST_DATA_DIR is not set (.ci/run sets it)")
 def test_bfloat16_agrees_with_float32_on_the_shared_test_split() -> None:
     """Parity on real X-rays for a trained model (32 px, a short run: the test's budget).
