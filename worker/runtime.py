@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
@@ -31,6 +32,32 @@ log = logging.getLogger(__name__)
 FIRST_LOAD_WAIT_SECONDS = 120.0
 # A prediction whose batch has not run by then fails instead of holding its task forever.
 PREDICT_TIMEOUT_SECONDS = 300.0
+# How long a prediction's own Redis writes wait out an outage. A task that raises on a lost
+# connection is acknowledged as failed once the connection is back and never runs again (the
+# soak, bench/soak.py, lost every prediction in flight across a Redis restart that way), so its
+# reads and its result wait for Redis instead, well past a `docker compose restart redis`.
+REDIS_OUTAGE_WAIT_SECONDS = 120.0
+
+T = TypeVar("T")
+
+
+def through_outage(call: Callable[[], T], wait: float = REDIS_OUTAGE_WAIT_SECONDS) -> T:
+    """Run ``call``; while Redis is unreachable, retry it (0.25 s, doubling to 2 s) for ``wait`` s.
+
+    For idempotent Redis work only (reads, ``HSET``, a transaction that sets fields and TTLs).
+    After ``wait`` seconds the last connection error is raised.
+    """
+    deadline = time.monotonic() + wait
+    delay = 0.25
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("Redis unreachable: retrying in %.2f s", delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 class WorkerRuntime:
@@ -158,10 +185,14 @@ class WorkerRuntime:
 
     def _process(self, job_id: str, classify: Callable[[np.ndarray, bool], BatchResult]) -> None:
         job_key, upload_key = self.keys.job(job_id), self.keys.upload(job_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(job_key, ["status", "created_at", "explain"])
-        pipe.get(upload_key)
-        (status, created_at, explain_flag), data = pipe.execute()
+
+        def read() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hmget(job_key, ["status", "created_at", "explain"])
+            pipe.get(upload_key)
+            return pipe.execute()
+
+        (status, created_at, explain_flag), data = through_outage(read)
         if status is None:
             log.warning("job %s expired before it was processed", job_id)
             self.redis.delete(upload_key)
@@ -171,7 +202,9 @@ class WorkerRuntime:
         started = time.time()
         if created_at is not None:
             metrics.QUEUE_WAIT.observe(max(0.0, started - float(created_at)))
-        self.redis.hset(job_key, mapping={"status": "running", "started_at": started})
+        through_outage(
+            lambda: self.redis.hset(job_key, mapping={"status": "running", "started_at": started})
+        )
         if not isinstance(data, bytes):
             self._finish(job_id, error="The upload expired before a worker could process it.")
             return
@@ -265,6 +298,17 @@ class WorkerRuntime:
         if error is not None:
             fields["error"] = error
         ttl = self.settings.result_ttl_seconds
+        through_outage(lambda: self._store(job_id, fields, ttl, result, heatmap_json))
+
+    def _store(
+        self,
+        job_id: str,
+        fields: dict[FieldT, EncodableT],
+        ttl: int,
+        result: PredictionResult | None,
+        heatmap_json: str | None,
+    ) -> None:
+        """One transaction: the job's final fields, TTLs, the kept image and map, the token."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.keys.job(job_id), mapping=fields)
         pipe.expire(self.keys.job(job_id), ttl)
