@@ -214,9 +214,9 @@ def test_pages_mark_an_untrained_active_version(
     assert marker in page_of(client)
     results = page_of(client, f"/results?id={uuid.uuid4().hex}")
     assert marker in results
-    # The per-card mark: untrained.js, loaded before results.js, which calls it.
-    assert results.index("untrained.js") < results.index("results.js")
-    js = (Path(app.static_folder or "") / "results.js").read_text()
+    # The per-card mark: untrained.js, loaded before card.js, which calls it for every card.
+    assert results.index("untrained.js") < results.index("card.js")
+    js = (Path(app.static_folder or "") / "card.js").read_text()
     assert "window.cxrUntrained.mark(card, result)" in js
 
 
