@@ -61,6 +61,7 @@ class Upload(BaseModel):
     """The multipart body of an upload."""
 
     file: bytes = Field(
+        min_length=1,
         description="the X-ray: PNG, JPEG or DICOM",
         json_schema_extra={"format": "binary", "contentMediaType": "application/octet-stream"},
     )
