@@ -98,9 +98,11 @@ def excluded(case: schemathesis.Case) -> list[Any]:
     """Checks that cannot hold for an operation.
 
     An upload's schema says "bytes": whether they are an X-ray no schema can say, so random
-    bytes are rightly refused (400/413/415) though they match it.
+    bytes are rightly refused (400/413/415) though they match it. Likewise a job's ``dataset``:
+    a schema-valid name of a folder that is not there is refused with the documented 422.
     """
-    if case.operation.method.upper() == "POST" and case.operation.path == "/api/v1/predictions":
+    state_dependent = {"/api/v1/predictions", "/api/v1/admin/training-jobs"}
+    if case.operation.method.upper() == "POST" and case.operation.path in state_dependent:
         return [positive_data_acceptance]
     return []
 
