@@ -4,19 +4,18 @@ Typed once here (pydantic models for request bodies and query strings, ``TypedDi
 and used twice: the views build their answers with them (mypy checks the keys), and
 ``web.openapi`` turns them into the OpenAPI document's schemas. The records that come from the
 worker side (``worker.records.PredictionStatus``, ``worker.registry.AuditEntry``,
-``worker.client.WorkerInfo``, ``ml.versions.ModelMetadata``) are documented from their own
+``worker.client.WorkerInfo``, ``worker.catalog.ModelDetail``) are documented from their own
 dataclasses. TF-free.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Literal, NotRequired
 
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict  # pydantic needs this one on Python 3.11
 
-from ml.versions import ModelMetadata
+from worker.catalog import ModelDetail
 from worker.jobs import JobState as TrainingJobState
 from worker.records import PredictionStatus
 from worker.registry import AuditEntry
@@ -158,18 +157,6 @@ class ModelList(TypedDict):
 
     active_version: int | None
     versions: list[ModelSummary]
-
-
-@dataclass(frozen=True)
-class ModelDetail(ModelMetadata):
-    """Everything known about one version: its metadata, evaluation, curves and whether active.
-
-    (Only a schema: the view adds these three keys to ``ModelMetadata.to_dict()``.)
-    """
-
-    evaluation: dict[str, Any] | None = None
-    has_curves: bool = False
-    active: bool = False
 
 
 class PointerChanged(TypedDict):

@@ -10,6 +10,7 @@ Afterwards the service must still be ready and classify a normal upload.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -37,7 +38,8 @@ from tests.web.conftest import png
 from worker.settings import Settings
 
 TOKEN = "fuzz-admin-token-0123456789"
-MAX_EXAMPLES = 12
+# Per operation; CXR_FUZZ_EXAMPLES raises it for a longer hunt.
+MAX_EXAMPLES = int(os.environ.get("CXR_FUZZ_EXAMPLES", "12"))
 
 
 @pytest.fixture(scope="module")
