@@ -22,6 +22,8 @@ import redis
 import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis.generation.modes import GenerationMode
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from tests.conftest import (
@@ -111,13 +113,15 @@ def excluded(case: schemathesis.Case) -> list[Any]:
 
 @pytest.mark.timeout(300)
 def test_every_operation_keeps_its_contract(api_schema: Any, fuzz_url: str) -> None:
-    # Each operation gets its own bounded Hypothesis run; failures are collected, not stopped at,
+    # Each operation gets two bounded Hypothesis runs (requests that fit the document, and requests
+    # that do not and must be refused with a 4xx); failures are collected, not stopped at,
     # so one run reports every operation that breaks its contract.
     failures: list[str] = []
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) >= 15
     started = time.monotonic()
-    for operation in operations:
+    runs = [(op, mode) for op in operations for mode in GenerationMode]
+    for operation, mode in runs:
 
         @settings(
             max_examples=MAX_EXAMPLES,
@@ -126,7 +130,7 @@ def test_every_operation_keeps_its_contract(api_schema: Any, fuzz_url: str) -> N
             suppress_health_check=list(HealthCheck),
             database=None,
         )
-        @given(case=operation.as_strategy())
+        @given(case=operation.as_strategy(generation_mode=mode))
         def fuzz(case: schemathesis.Case) -> None:
             # No 5xx, and every status, header and body as the document says.
             case.call_and_validate(
@@ -138,8 +142,10 @@ def test_every_operation_keeps_its_contract(api_schema: Any, fuzz_url: str) -> N
 
         try:
             fuzz()
+        except Unsatisfiable:
+            assert mode == GenerationMode.NEGATIVE  # nothing to get wrong: no input at all
         except Exception as exc:  # noqa: BLE001 - collected and reported below
-            failures.append(f"{operation.label}: {exc}")
+            failures.append(f"{operation.label} ({mode}): {exc}")
     elapsed = time.monotonic() - started
     assert not failures, "\n\n".join(failures)
     assert elapsed < 120, f"the fuzzing took {elapsed:.0f} s"
