@@ -7,17 +7,33 @@ from flask import Blueprint, Response, jsonify
 
 from web import prediction_client
 from web.first_run import first_run_status
+from web.openapi import Operation, Reply, declare
+from web.schemas import Health, Readiness
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@declare(
+    Operation(responses={200: Reply("The process answers.", Health)}, tag="health", redis=False)
+)
 def healthz() -> Response:
     """The process is alive (no dependency is checked): compose's web healthcheck."""
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@declare(
+    Operation(
+        responses={
+            200: Reply("Ready: a live worker serves a model.", Readiness),
+            503: Reply(
+                "Not ready: Redis is unreachable, or no live worker serves a model.", Readiness
+            ),
+        },
+        tag="health",
+    )
+)
 def readyz() -> tuple[Response, int]:
     """200 when an upload now would be classified, else 503; the body says why either way.
 

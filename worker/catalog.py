@@ -7,10 +7,12 @@ readers (JSON and files only), so the web process reaches the registry through h
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ml.versions import (
+    ModelMetadata,
     VersionNotFoundError,
     curves_path,
     has_version,
@@ -19,11 +21,24 @@ from ml.versions import (
     read_metadata,
 )
 
-__all__ = ["ModelCatalog", "VersionNotFoundError"]
+__all__ = ["ModelCatalog", "ModelDetail", "VersionNotFoundError"]
 
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+
+@dataclass(frozen=True)
+class ModelDetail(ModelMetadata):
+    """One version as the admin API shows it: its metadata, evaluation, curves, whether active.
+
+    The answer's schema (``web.openapi``): :meth:`ModelCatalog.detail` adds these keys to
+    ``ModelMetadata.to_dict()``, so a new metadata field is in the schema at once.
+    """
+
+    evaluation: dict[str, Any] | None = None
+    has_curves: bool = False
+    active: bool = False
 
 
 class ModelCatalog:
