@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import tempfile
 import time
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from ml.config import EVAL_NAME_PATTERN, check_eval_name
 from ml.decision import NEGATIVE_CLASS, negative_index
 from ml.evalset import EvalSet, load_eval_folder
 from ml.evaluation import evaluate_predictions
@@ -44,21 +44,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 EXTERNAL_DIR = "external"
-MAX_NAME_CHARS = 64
-# A set's name is also its file name: letters, digits, '.', '_', '-', never a leading dot.
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_PATTERN = EVAL_NAME_PATTERN
+check_name = check_eval_name
 
 PathLike = str | os.PathLike[str]
-
-
-def check_name(name: str) -> str:
-    """``name`` if it may name an evaluation set, else ValueError saying what is allowed."""
-    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise ValueError(
-            f"an evaluation set's name is 1-{MAX_NAME_CHARS} letters, digits, '.', '_' or '-', "
-            f"not starting with '.', '_' or '-'; got {name!r}"
-        )
-    return name
 
 
 def _ci(bounds: tuple[float, float] | None) -> list[float] | None:
@@ -100,8 +89,7 @@ def score_eval_set(
     }
 
 
-def sensitivity_warning(doc: d
-    [str, Any], target: float | None = None) -> str | None:
+def sensitivity_warning(doc: dict[str, Any], target: float | None = None) -> str | None:
     """A warning when the sensitivity on a set falls short of the target beyond its interval.
 
     ``target`` defaults to the ``target_sensitivity`` the evaluation recorded (the one the
