@@ -4,7 +4,9 @@ Every published version is scored on each registered evaluation set (:mod:`ml.ev
 decision rule; the result -- accuracy, sensitivity and specificity with 95% Wilson intervals, the
 ROC AUC with a bootstrap interval, the confusion matrix, n -- is written to
 ``MODEL_DIR/<N>/external/<name>.json`` (temp file + rename: a reader never sees half of one, and
-the published ``metadata.json`` is never rewritten). TensorFlow only where a model is loaded.
+the published ``metadata.json`` is never rewritten). Reading and the warning rule need only JSON
+(the web process uses them); scoring imports numpy's evaluation code and, to load a model,
+TensorFlow, inside the functions that need them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,17 +26,17 @@ import numpy.typing as npt
 
 from ml.config import EVAL_NAME_PATTERN, check_eval_name
 from ml.decision import NEGATIVE_CLASS, negative_index
-from ml.evalset import EvalSet, load_eval_folder
-from ml.evaluation import evaluate_predictions
-from ml.intervals import bootstrap_auc, wilson
 
 if TYPE_CHECKING:
     import keras
+
+    from ml.evalset import EvalSet
 
 __all__ = [
     "EXTERNAL_DIR",
     "NAME_PATTERN",
     "check_name",
+    "evaluate_on_sets",
     "evaluate_version",
     "read_external",
     "score_eval_set",
@@ -62,6 +65,9 @@ def score_eval_set(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Score a version's probabilities on an evaluation set, with 95% intervals (JSON-native)."""
+    from ml.evaluation import evaluate_predictions
+    from ml.intervals import bootstrap_auc, wilson
+
     p = np.asarray(probs, dtype=np.float64)
     doc = evaluate_predictions(evalset.y, p, evalset.class_names, threshold=threshold)
     confusion = np.asarray(doc["confusion_matrix"])
@@ -165,6 +171,7 @@ def evaluate_version(
     ``{"dataset", "path", "error"}`` so the gap is visible, and returned the same way.
     """
     from ml.dataset import DatasetError
+    from ml.evalset import load_eval_folder
     from ml.versions import load_model, read_metadata
 
     check_name(name)
@@ -191,3 +198,22 @@ def evaluate_version(
         write_external(model_dir, version, name, doc)
     log.info("version %s on %s: %s", version, name, doc.get("error") or doc.get("roc_auc"))
     return doc
+
+
+def evaluate_on_sets(
+    model_dir: PathLike, version: int, sets: Mapping[str, PathLike]
+) -> dict[str, dict[str, Any]]:
+    """``version`` scored (and stored) on each set; a set that fails is recorded, not raised."""
+    from ml.versions import load_model
+
+    out: dict[str, dict[str, Any]] = {}
+    model = None
+    for name, path in sorted(sets.items()):
+        try:
+            if model is None:
+                model = load_model(model_dir, version)
+            out[name] = evaluate_version(model_dir, version, name, path, model=model)
+        except Exception as exc:  # one bad set must not fail a job that already published
+            log.exception("external evaluation of version %s on %s failed", version, name)
+            out[name] = {"dataset": name, "path": os.fspath(path), "error": str(exc)}
+    return out

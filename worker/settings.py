@@ -226,6 +226,16 @@ class ClientSettings(BaseSettings):
         validation_alias=AliasChoices("USER"),
         description="The login name: the actor when CXR_ACTOR is unset or empty.",
     )
+    eval_datasets: str = Field(
+        default="", description="Evaluation sets local commands score versions on."
+    )
+    data_dir: Path = Field(
+        default=Path("data"), description="Where a relative evaluation-set path is."
+    )
+
+    def configured_eval_datasets(self) -> dict[str, Path]:
+        """``CXR_EVAL_DATASETS`` as ``{name: folder}`` (relative paths inside CXR_DATA_DIR)."""
+        return {n: self.data_dir / p for n, p in parse_eval_datasets(self.eval_datasets).items()}
 
     @property
     def who(self) -> str | None:

@@ -221,6 +221,7 @@ class TrainingRunner:
 
     def _evaluate_external(self, version: int) -> dict[str, dict[str, Any]]:
         """Score ``version`` on every registered evaluation set and store the results."""
+        from ml.external import evaluate_on_sets
         from worker.evalsets import EvalDatasets
 
         return evaluate_on_sets(
@@ -231,7 +232,7 @@ class TrainingRunner:
         self, decision: dict[str, Any], external: dict[str, Any], request: TrainingRequest
     ) -> dict[str, Any]:
         """The external gate on an ``if_better`` promotion: no set may fall behind the active."""
-        from ml.external import read_external
+        from ml.external import evaluate_on_sets, read_external
         from ml.promotion import apply_external_gate, external_gate
         from worker.evalsets import EvalDatasets
 
@@ -298,25 +299,6 @@ class TrainingRunner:
         if error is not None:
             fields["error"] = error
         self.redis.hset(self.keys.training_job(job_id), mapping=fields)  # type: ignore[arg-type]
-
-
-def evaluate_on_sets(
-    model_dir: os.PathLike[str], version: int, sets: dict[str, Any]
-) -> dict[str, dict[str, Any]]:
-    """``version`` scored (and stored) on each set; a set that fails is recorded, not raised."""
-    from ml.external import evaluate_version
-
-    out: dict[str, dict[str, Any]] = {}
-    model = None
-    for name, path in sorted(sets.items()):
-        try:
-            if model is None:
-                model = load_model(model_dir, version)
-            out[name] = evaluate_version(model_dir, version, name, path, model=model)
-        except Exception as exc:  # one bad set must not fail a job that already published
-            log.exception("external evaluation of version %s on %s failed", version, name)
-            out[name] = {"dataset": name, "path": os.fspath(path), "error": str(exc)}
-    return out
 
 
 def _brief(doc: dict[str, Any]) -> dict[str, Any]:
