@@ -330,9 +330,11 @@ function outcomeText(job) {
   if (!o || typeof o !== "object") return "";
   const parts = [];
   if (o.version !== undefined && o.version !== null) parts.push(`published version ${o.version}`);
-  if (o.promoted === true) parts.push("promoted");
-  else if (o.promoted === false) parts.push("not promoted");
-  if (o.reason) parts.push(String(o.reason));
+  // The trainer records the decision under "promotion" (its reason names a blocking set).
+  const d = o.promotion && typeof o.promotion === "object" ? o.promotion : o;
+  if (d.promoted === true) parts.push("promoted");
+  else if (d.promoted === false) parts.push("not promoted");
+  if (d.reason) parts.push(String(d.reason));
   return parts.join(" · ");
 }
 
