@@ -90,6 +90,12 @@ def add_admin_commands(sub: Any) -> None:
         help="promote the new version if at least as good as the active one, always, or never",
     )
     train.add_argument(
+        "--external-tolerance",
+        type=float,
+        help="how far (AUC, sensitivity) an if_better candidate may fall below the active "
+        "version on a registered evaluation set (default: the service's; 1: off)",
+    )
+    train.add_argument(
         "--wait", action="store_true", help="follow the job's progress until it ends"
     )
     train.add_argument(
@@ -129,7 +135,7 @@ def add_admin_commands(sub: Any) -> None:
 
 def cmd_train(args: argparse.Namespace, api: AdminApi) -> int:
     """Queue a fine-tuning job; with --wait, follow it to the end."""
-    names = ("dataset", "base", *TrainingOptions.model_fields, "promotion")
+    names = ("dataset", "base", *TrainingOptions.model_fields, "promotion", "external_tolerance")
     body = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     doc = api.call("POST", "/training-jobs", body)
     if not args.wait:

@@ -84,7 +84,8 @@ def outcome_text(job: dict[str, Any]) -> str:
         parts.append(f"version {outcome['version']}")
     # The trainer records the promotion decision under "promotion" (with its reason: which
     # evaluation set blocked it, for one).
-    decision = outcome.get("promotion") if isinstance(outcome.get("promotion"), dict) else outcome
+    nested = outcome.get("promotion")
+    decision: dict[str, Any] = nested if isinstance(nested, dict) else outcome
     if decision.get("promoted") is not None:
         parts.append("promoted" if decision["promoted"] else "not promoted")
     if decision.get("reason"):

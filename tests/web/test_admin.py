@@ -382,6 +382,7 @@ SUMMARY_FIELDS = {
     "decision_threshold",
     "active",
     "has_curves",
+    "external",
 }
 
 
