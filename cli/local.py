@@ -93,6 +93,7 @@ def add_local_commands(sub: Any) -> None:
         help="a name in $CXR_EVAL_DATASETS, or a folder (stored under --name or the folder's name)",
     )
     evaluate.add_argument("--name", help="the name to store a folder's result under")
+    evaluate.add_argument("--json", action="store_true", help="print the stored JSON document")
 
 
 IMAGENET_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
@@ -317,7 +318,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"{exc} (pass --name)", file=sys.stderr)
         return 2
     doc = evaluate_version(args.model_dir, args.version, name, root)
-    if args.json_output:
+    if args.json or args.json_output:
         print(json.dumps(doc))
     else:
         print(f"version {args.version} on {root}: " + external_line(name, doc))
