@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from ml.decision import decide, negative_index
+from ml.explain import build_explainer
 from ml.precision import model_precision
 
 # Caffe-style VGG16 normalisation (what keras.applications.vgg16.preprocess_input does): BGR order
@@ -120,6 +121,9 @@ class Classifier:
                 tf.TensorSpec((None, self.input_size, self.input_size, 1), tf.float32)
             ],
         )
+        # Grad-CAM of the same layers (ml.explain); None with the reason for a model without
+        # a convolutional layer (the stand-in).
+        self.explainer, self.explainer_error = build_explainer(model, self.class_names)
 
     def predict_batch(self, images: np.ndarray) -> np.ndarray:
         """Return class probabilities ``(n, classes)`` for ``(n, size, size, 1)`` float32 input."""
@@ -140,3 +144,5 @@ class Classifier:
     def warm_up(self) -> None:
         """Trace the compiled call once so the first real request does not pay for it."""
         self.predict_batch(np.zeros((1, self.input_size, self.input_size, 1), np.float32))
+        if self.explainer is not None:
+            self.explainer.warm_up()

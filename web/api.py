@@ -1,4 +1,5 @@
-"""JSON API: ``/api/v1/predictions`` to submit an X-ray and poll for its result."""
+"""JSON API: ``/api/v1/predictions`` to submit an X-ray and poll for its result, its image and
+its Grad-CAM map."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from web import metrics, prediction_client, settings
 from web.uploads import too_large_message
 from worker.client import (
+    DEFAULT_OPACITY,
     CorruptImageError,
     EmptyImageError,
     ImageError,
@@ -47,6 +49,39 @@ def image_error_status(exc: ImageError) -> int:
     return next((s for cls, s in IMAGE_ERROR_STATUS.items() if isinstance(exc, cls)), 400)
 
 
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def explain_requested() -> bool:
+    """The request's ``explain`` flag: a form field (the last value wins: the form sends a
+    hidden ``0`` before its checkbox's ``1``), else the query string; on when absent."""
+    values = request.form.getlist("explain") or request.args.getlist("explain")
+    return not values or values[-1].strip().lower() not in FALSE_WORDS
+
+
+def not_found(job_id: str, what: str = "prediction") -> tuple[Response, int]:
+    """The 404 of an unknown or expired id (not cached: a map may still be on its way)."""
+    ttl = settings().result_ttl_seconds
+    response, status = error_response(
+        404,
+        "not_found",
+        f"no {what} for id {job_id!r}: it was never issued, it has none (explain=0, failed or "
+        f"still running), or it finished more than {ttl} s ago and has expired"
+        if what != "prediction"
+        else f"no prediction with id {job_id!r}: it was never issued, or it finished more than "
+        f"{ttl} s ago and has expired",
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response, status
+
+
+def _cached(response: Response) -> Response:
+    # What an id names never changes (the image from the upload on, the map once written) and
+    # it is a patient's image: private caches only, for as long as the result lives.
+    response.headers["Cache-Control"] = f"private, max-age={settings().result_ttl_seconds}"
+    return response
+
+
 def read_upload(storage: FileStorage | None) -> bytes:
     """Return the bytes of a multipart file field, raising EmptyImageError when there are none."""
     data = storage.read() if storage is not None else b""
@@ -65,7 +100,9 @@ def create_prediction() -> tuple[Response, int] | Response:
         )
     storage = request.files["file"]
     try:
-        job_id = prediction_client().submit(read_upload(storage), storage.filename)
+        job_id = prediction_client().submit(
+            read_upload(storage), storage.filename, explain=explain_requested()
+        )
     except ImageError as exc:
         metrics.rejected(exc.code)
         return error_response(image_error_status(exc), exc.code, str(exc))
@@ -97,14 +134,41 @@ def get_prediction(job_id: str) -> tuple[Response, int] | Response:
         return error_response(400, "invalid_wait", "wait must be a number of seconds")
     doc = prediction_client().status(job_id, wait=max(0.0, wait))
     if doc is None:
-        ttl = settings().result_ttl_seconds
-        return error_response(
-            404,
-            "not_found",
-            f"no prediction with id {job_id!r}: it was never issued, or it finished more than "
-            f"{ttl} s ago and has expired",
-        )
+        return not_found(job_id)
     return jsonify(doc)
+
+
+@bp.get("/predictions/<job_id>/image.png")
+def get_image(job_id: str) -> tuple[Response, int] | Response:
+    """The image the prediction was made on: the stored grayscale PNG, pixels only."""
+    data = prediction_client().image_png(job_id)
+    if data is None:
+        return not_found(job_id, "image")
+    return _cached(Response(data, mimetype="image/png"))
+
+
+@bp.get("/predictions/<job_id>/heatmap.png")
+def get_heatmap_png(job_id: str) -> tuple[Response, int] | Response:
+    """The Grad-CAM map over the image, with its legend; ``?opacity=`` 0..1 (default 0.45)."""
+    try:
+        opacity = float(request.args.get("opacity", DEFAULT_OPACITY))
+    except ValueError:
+        opacity = -1.0
+    if not 0.0 <= opacity <= 1.0:
+        return error_response(400, "invalid_opacity", "opacity must be a number from 0 to 1")
+    data = prediction_client().heatmap_png(job_id, opacity)
+    if data is None:
+        return not_found(job_id, "heatmap")
+    return _cached(Response(data, mimetype="image/png"))
+
+
+@bp.get("/predictions/<job_id>/heatmap.json")
+def get_heatmap_json(job_id: str) -> tuple[Response, int] | Response:
+    """The normalised Grad-CAM map as data: method, layer, class, shape and rows of values."""
+    doc = prediction_client().heatmap_map(job_id)
+    if doc is None:
+        return not_found(job_id, "heatmap")
+    return _cached(jsonify({"id": job_id, **doc}))
 
 
 def register_error_handlers(app: Flask) -> None:

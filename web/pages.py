@@ -9,7 +9,7 @@ from markupsafe import Markup, escape
 from werkzeug.wrappers import Response as BaseResponse
 
 from web import metrics, prediction_client
-from web.api import image_error_status, read_upload
+from web.api import explain_requested, image_error_status, read_upload
 from worker.client import NO_MODEL_MESSAGE, ImageError, NoModelError, QueueFullError, is_job_id
 
 bp = Blueprint("pages", __name__)
@@ -50,10 +50,12 @@ def upload() -> BaseResponse | tuple[str, int] | tuple[str, int, dict[str, str]]
     accepted: list[tuple[str, str]] = []
     errors: list[tuple[str, str]] = []
     status = 200
+    explain = explain_requested()
     for storage in files:
         name = storage.filename or "upload"
         try:
-            accepted.append((name, prediction_client().submit(read_upload(storage), name)))
+            job_id = prediction_client().submit(read_upload(storage), name, explain=explain)
+            accepted.append((name, job_id))
         except ImageError as exc:
             metrics.rejected(exc.code)
             errors.append((name, str(exc)))

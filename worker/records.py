@@ -13,10 +13,25 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-__all__ = ["FINAL_STATES", "JobState", "PredictionResult", "PredictionStatus", "Timings"]
+__all__ = [
+    "FINAL_STATES",
+    "HEATMAP_JSON_PATH",
+    "HEATMAP_PNG_PATH",
+    "IMAGE_PNG_PATH",
+    "Explanation",
+    "JobState",
+    "PredictionResult",
+    "PredictionStatus",
+    "Timings",
+]
 
 JobState = Literal["queued", "running", "done", "failed"]
 FINAL_STATES: frozenset[str] = frozenset({"done", "failed"})
+
+# Where the web serves a result's images and map (web/api.py routes them; a test checks).
+HEATMAP_PNG_PATH = "/api/v1/predictions/{id}/heatmap.png"
+HEATMAP_JSON_PATH = "/api/v1/predictions/{id}/heatmap.json"
+IMAGE_PNG_PATH = "/api/v1/predictions/{id}/image.png"
 
 
 @dataclass(frozen=True)
@@ -28,6 +43,29 @@ class Timings:
     batch_wait: float
     model: float
     worker_total: float
+    explain: float | None = None  # the batch's Grad-CAM pass; None when no image asked for one
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """What the Grad-CAM map of a result explains and where to get it."""
+
+    method: str  # "grad-cam"
+    layer: str  # the convolutional layer it comes from, e.g. "block5_conv3"
+    class_explained: str  # the reported label
+    heatmap_url: str  # the overlay PNG
+    map_url: str  # the normalised map as JSON
+
+    @classmethod
+    def for_job(cls, job_id: str, method: str, layer: str, class_explained: str) -> Explanation:
+        """The explanation of job ``job_id``, with the URLs the web serves it under."""
+        return cls(
+            method=method,
+            layer=layer,
+            class_explained=class_explained,
+            heatmap_url=HEATMAP_PNG_PATH.format(id=job_id),
+            map_url=HEATMAP_JSON_PATH.format(id=job_id),
+        )
 
 
 @dataclass(frozen=True)
@@ -41,6 +79,8 @@ class PredictionResult:
     batch_size: int
     timings_ms: Timings
     precision: str = "float32"  # what the model computed in; the probabilities are float32
+    explanation: Explanation | None = None  # the Grad-CAM map; None: see explanation_reason
+    explanation_reason: str | None = None  # why there is no explanation (off, failed, no conv)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-native form (the API's ``result`` object)."""
@@ -63,12 +103,22 @@ class PredictionResult:
             batch_size=data["batch_size"],
             timings_ms=Timings(**fields),
             precision=data.get("precision", "float32"),
+            # Records written before explanations existed have neither field.
+            explanation=_explanation(data.get("explanation")),
+            explanation_reason=data.get("explanation_reason"),
         )
 
     @classmethod
     def from_json(cls, raw: str | bytes) -> PredictionResult:
         """Parse a job hash's ``result`` field."""
         return cls.from_dict(json.loads(raw))
+
+
+def _explanation(data: Mapping[str, Any] | None) -> Explanation | None:
+    """Parse a stored explanation, ignoring fields this version does not know."""
+    if not data:
+        return None
+    return Explanation(**{f.name: data[f.name] for f in dataclasses.fields(Explanation)})
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -19,7 +21,7 @@ from worker import metrics
 from worker.batcher import Batcher, BatchResult, NoModelAvailable
 from worker.client import NO_MODEL_MESSAGE, Keys, WorkerInfo, as_text
 from worker.holder import ModelHolder
-from worker.records import FINAL_STATES, PredictionResult, Timings
+from worker.records import FINAL_STATES, Explanation, PredictionResult, Timings
 from worker.registry import ActiveVersion
 from worker.settings import Settings, get_settings
 
@@ -141,10 +143,12 @@ class WorkerRuntime:
         self.batcher.announce()
         handed = False
 
-        def classify(gray: np.ndarray) -> BatchResult:
+        def classify(gray: np.ndarray, explain: bool = False) -> BatchResult:
             nonlocal handed
             handed = True
-            return self.batcher.predict(gray, timeout=PREDICT_TIMEOUT_SECONDS, announced=True)
+            return self.batcher.predict(
+                gray, timeout=PREDICT_TIMEOUT_SECONDS, announced=True, explain=explain
+            )
 
         try:
             self._process(job_id, classify)
@@ -152,12 +156,12 @@ class WorkerRuntime:
             if not handed:
                 self.batcher.withdraw()
 
-    def _process(self, job_id: str, classify: Callable[[np.ndarray], BatchResult]) -> None:
+    def _process(self, job_id: str, classify: Callable[[np.ndarray, bool], BatchResult]) -> None:
         job_key, upload_key = self.keys.job(job_id), self.keys.upload(job_id)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(job_key, ["status", "created_at"])
+        pipe.hmget(job_key, ["status", "created_at", "explain"])
         pipe.get(upload_key)
-        (status, created_at), data = pipe.execute()
+        (status, created_at, explain_flag), data = pipe.execute()
         if status is None:
             log.warning("job %s expired before it was processed", job_id)
             self.redis.delete(upload_key)
@@ -178,7 +182,8 @@ class WorkerRuntime:
             t0 = time.perf_counter()
             gray = decode_image(data, max_pixels=self.settings.max_image_pixels)
             t1 = time.perf_counter()
-            batch = classify(gray)
+            explain, not_explained = self._explain_wanted(explain_flag)
+            batch = classify(gray, explain)
         except ImageError as exc:
             self._finish(job_id, error=f"Image rejected by the worker: {exc}")
             return
@@ -203,10 +208,49 @@ class WorkerRuntime:
             ),
             precision=classifier.precision,
         )
-        self._finish(job_id, result=result)
+        heatmap_json = None
+        if batch.heatmap is not None:
+            result, heatmap_json = self._with_explanation(job_id, result, batch)
+        else:
+            reason = batch.explanation_error if explain else not_explained
+            result = dataclasses.replace(result, explanation_reason=reason)
+        self._finish(job_id, result=result, heatmap_json=heatmap_json)
+
+    def _explain_wanted(self, flag: bytes | None) -> tuple[bool, str | None]:
+        """Whether this job gets a Grad-CAM map, and if not, why (the job's flag, the setting)."""
+        if not self.settings.explain:
+            return False, "explanations are turned off for this deployment (CXR_EXPLAIN=0)"
+        if flag is not None and as_text(flag) == "0":
+            return False, "explanation not requested (explain=0)"
+        return True, None
+
+    def _with_explanation(
+        self, job_id: str, result: PredictionResult, batch: BatchResult
+    ) -> tuple[PredictionResult, str | None]:
+        """The result with its explanation, and the map's JSON for Redis (or the reason none)."""
+        from ml.explain import METHOD, map_to_json  # TensorFlow is loaded already here
+
+        heatmap = batch.heatmap
+        assert heatmap is not None
+        try:
+            stored = json.dumps(map_to_json(heatmap))
+        except Exception as exc:  # a map that cannot be stored must not fail the prediction
+            log.exception("storing the Grad-CAM map of %s failed", job_id)
+            return dataclasses.replace(result, explanation_reason=f"Grad-CAM failed: {exc}"), None
+        explanation = Explanation.for_job(job_id, METHOD, heatmap.layer, heatmap.class_name)
+        timings = dataclasses.replace(
+            result.timings_ms,
+            explain=round(batch.explain_s * 1000, 2) if batch.explain_s is not None else None,
+        )
+        return dataclasses.replace(result, explanation=explanation, timings_ms=timings), stored
 
     def _finish(
-        self, job_id: str, *, result: PredictionResult | None = None, error: str | None = None
+        self,
+        job_id: str,
+        *,
+        result: PredictionResult | None = None,
+        error: str | None = None,
+        heatmap_json: str | None = None,
     ) -> None:
         status = "done" if error is None else "failed"
         version = str(result.model_version) if result else "none"
@@ -219,12 +263,20 @@ class WorkerRuntime:
             fields["result"] = result.to_json()
         if error is not None:
             fields["error"] = error
+        ttl = self.settings.result_ttl_seconds
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.keys.job(job_id), mapping=fields)
-        pipe.expire(self.keys.job(job_id), self.settings.result_ttl_seconds)
-        pipe.delete(self.keys.upload(job_id))
+        pipe.expire(self.keys.job(job_id), ttl)
+        if result is not None:
+            # The image stays as long as its result: the result page shows it (image.png) and
+            # the overlay is drawn on it. It is the metadata-free PNG the web stored.
+            pipe.expire(self.keys.upload(job_id), ttl)
+        else:
+            pipe.delete(self.keys.upload(job_id))
+        if heatmap_json is not None:
+            pipe.set(self.keys.heatmap(job_id), heatmap_json, ex=ttl)
         pipe.rpush(self.keys.done(job_id), 1)
-        pipe.expire(self.keys.done(job_id), self.settings.result_ttl_seconds)
+        pipe.expire(self.keys.done(job_id), ttl)
         pipe.execute()
 
 

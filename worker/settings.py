@@ -132,6 +132,11 @@ class Settings(BaseSettings):
         "with AMX or AVX512-BF16, float16 on GPUs with Tensor Cores, else float32) or a forced "
         "precision; probabilities and saved versions stay float32.",
     )
+    explain: bool = Field(
+        default=True,
+        description="Whether inference workers compute a Grad-CAM map of each prediction "
+        "(requests can still turn it off with explain=0; 0 turns it off for all).",
+    )
     worker_metrics_port: int = Field(
         default=9100,
         ge=0,
