@@ -90,6 +90,12 @@ def add_admin_commands(sub: Any) -> None:
         help="promote the new version if at least as good as the active one, always, or never",
     )
     train.add_argument(
+        "--external-tolerance",
+        type=float,
+        help="how far (AUC, sensitivity) an if_better candidate may fall below the active "
+        "version on a registered evaluation set (default: the service's; 1: off)",
+    )
+    train.add_argument(
         "--wait", action="store_true", help="follow the job's progress until it ends"
     )
     train.add_argument(
@@ -115,13 +121,21 @@ def add_admin_commands(sub: Any) -> None:
         change.add_argument("--reason", default="", help="recorded in the audit log")
     rollback = command("rollback", "make the previously active version active again")
     rollback.add_argument("--reason", default="", help="recorded in the audit log")
+    sets = command(
+        "eval-datasets",
+        "list, register (--add NAME PATH) or remove (--remove NAME) evaluation sets",
+    )
+    sets.add_argument(
+        "--add", nargs=2, metavar=("NAME", "PATH"), help="register PATH (inside CXR_DATA_DIR)"
+    )
+    sets.add_argument("--remove", metavar="NAME", help="forget an admin-registered set")
     audit = command("audit", "show recent changes of the active version")
     audit.add_argument("--limit", type=int, default=20, help="how many (default 20)")
 
 
 def cmd_train(args: argparse.Namespace, api: AdminApi) -> int:
     """Queue a fine-tuning job; with --wait, follow it to the end."""
-    names = ("dataset", "base", *TrainingOptions.model_fields, "promotion")
+    names = ("dataset", "base", *TrainingOptions.model_fields, "promotion", "external_tolerance")
     body = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
     doc = api.call("POST", "/training-jobs", body)
     if not args.wait:
@@ -284,6 +298,36 @@ def cmd_model(args: argparse.Namespace, api: AdminApi) -> int:
             print(f"  {k}: {fmt_metric(v) if isinstance(v, float) else v}")
     else:
         print("evaluation: none")
+    external = doc.get("external") or {}
+    if external:
+        from cli.local import external_line
+
+        print("external evaluation (at the version's own decision rule, 95% intervals):")
+        for name, ext in sorted(external.items()):
+            print("  " + external_line(name, ext).replace("\n", "\n  "))
+    return 0
+
+
+def cmd_eval_datasets(args: argparse.Namespace, api: AdminApi) -> int:
+    """List, register or remove evaluation sets."""
+    if args.add:
+        name, path = args.add
+        doc = api.call("PUT", f"/eval-datasets/{urllib.parse.quote(name, safe='')}", {"path": path})
+        if args.json_output:
+            print_json(doc)
+        else:
+            print(f"registered evaluation set {doc['name']}: {doc['path']}")
+            if doc.get("warning"):
+                print(f"warning: {doc['warning']}")
+        return 0
+    if args.remove:
+        api.call("DELETE", f"/eval-datasets/{urllib.parse.quote(args.remove, safe='')}")
+        print(f"removed evaluation set {args.remove}")
+        return 0
+    doc = api.call("GET", "/eval-datasets")
+    header = ("NAME", "PATH", "SOURCE")
+    row = lambda d: (d["name"], d["path"], d["source"])  # noqa: E731
+    print_listing(args.json_output, doc, "datasets", "no evaluation sets", header, row)
     return 0
 
 
@@ -336,6 +380,7 @@ ADMIN_COMMANDS: dict[str, Callable[[argparse.Namespace, AdminApi], int]] = {
     "pin": cmd_promote,
     "rollback": cmd_rollback,
     "audit": cmd_audit,
+    "eval-datasets": cmd_eval_datasets,
 }
 
 

@@ -83,6 +83,24 @@ def add_local_commands(sub: Any) -> None:
 
     sub.add_parser("versions", help="list the model versions in the model folder")
 
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="score a version on an evaluation set and store the result with the version",
+        description="Score a version, at its own input size and decision rule, on an evaluation "
+        "folder (<CLASS>/<images>, or a Kaggle layout whose test/ is used): accuracy, "
+        "sensitivity, specificity with 95%% Wilson intervals, ROC AUC with a bootstrap interval, "
+        "the confusion matrix. Stored as <MODEL_DIR>/<N>/external/<name>.json. An evaluation set "
+        "is a test set only: never train, tune or choose a threshold on it.",
+    )
+    evaluate.add_argument("version", type=int, help="the version to score")
+    evaluate.add_argument(
+        "--dataset",
+        required=True,
+        help="a name in $CXR_EVAL_DATASETS, or a folder (stored under --name or the folder's name)",
+    )
+    evaluate.add_argument("--name", help="the name to store a folder's result under")
+    evaluate.add_argument("--json", action="store_true", help="print the stored JSON document")
+
 
 IMAGENET_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
@@ -180,6 +198,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         f"to {path}"
     )
     activate_if_first(args.model_dir, metadata.version)
+    evaluate_configured(args.model_dir, metadata.version)
     return 0
 
 
@@ -203,6 +222,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         f"{m['accuracy']:.3f}, sensitivity {m['sensitivity']:.3f}, specificity "
         f"{m['specificity']:.3f} (a candidate: `cxr promote {meta.version}` to serve it)"
     )
+    evaluate_configured(args.model_dir, meta.version)
     return 0
 
 
@@ -259,10 +279,82 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def external_line(name: str, doc: dict[str, Any]) -> str:
+    """One evaluation set's figures in one line (or its error)."""
+    from ml.external import sensitivity_warning
+
+    if doc.get("error"):
+        return f"{name}: not evaluated: {doc['error']}"
+
+    def figure(key: str) -> str:
+        value, ci = doc.get(key), doc.get(f"{key}_ci")
+        if value is None:
+            return f"{key} -"
+        return f"{key} {value:.3f}" + (f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci else "")
+
+    keys = ("accuracy", "sensitivity", "specificity", "roc_auc")
+    line = f"{name} (n={doc.get('n')}): " + ", ".join(figure(k) for k in keys)
+    warning = sensitivity_warning({"dataset": name, **doc})
+    return line + (f"\n  WARNING: {warning}" if warning else "")
+
+
+def evaluate_configured(model_dir: Path, version: int) -> None:
+    """Score a freshly published version on every set of $CXR_EVAL_DATASETS (and say so)."""
+    from worker.settings import ClientSettings
+
+    sets = ClientSettings().configured_eval_datasets()
+    if sets:
+        from ml.external import evaluate_on_sets
+
+        for name, doc in evaluate_on_sets(model_dir, version, sets).items():
+            print(external_line(name, doc))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a version on one evaluation set and store the result."""
+    from ml.external import check_name, evaluate_version
+    from ml.versions import has_version
+    from worker.settings import ClientSettings
+
+    if not has_version(args.model_dir, args.version):
+        print(f"no model version {args.version} in {args.model_dir}", file=sys.stderr)
+        return 2
+    try:
+        configured = ClientSettings().configured_eval_datasets()
+    except ValueError as exc:
+        print(f"CXR_EVAL_DATASETS: {exc}", file=sys.stderr)
+        return 2
+    if args.dataset in configured and args.name is None:
+        name, root = args.dataset, configured[args.dataset]
+    else:
+        root = Path(args.dataset)
+        if not root.is_dir():
+            known = ", ".join(sorted(configured)) or "none"
+            print(
+                f"{args.dataset}: neither a folder nor a set of $CXR_EVAL_DATASETS ({known})",
+                file=sys.stderr,
+            )
+            return 2
+        name = args.name or root.resolve().name
+    try:
+        check_name(name)
+    except ValueError as exc:
+        print(f"{exc} (pass --name)", file=sys.stderr)
+        return 2
+    doc = evaluate_version(args.model_dir, args.version, name, root)
+    if args.json or args.json_output:
+        print(json.dumps(doc))
+    else:
+        print(f"version {args.version} on {root}: " + external_line(name, doc))
+        print(f"stored in {args.model_dir / str(args.version) / 'external' / (name + '.json')}")
+    return 1 if doc.get("error") else 0
+
+
 LOCAL_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "init-model": cmd_init_model,
     "import": cmd_import,
     "calibrate": cmd_calibrate,
     "predict": cmd_predict,
     "versions": cmd_versions,
+    "evaluate": cmd_evaluate,
 }

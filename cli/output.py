@@ -82,10 +82,14 @@ def outcome_text(job: dict[str, Any]) -> str:
     parts = []
     if outcome.get("version") is not None:
         parts.append(f"version {outcome['version']}")
-    if outcome.get("promoted") is not None:
-        parts.append("promoted" if outcome["promoted"] else "not promoted")
-    if outcome.get("reason"):
-        parts.append(str(outcome["reason"]))
+    # The trainer records the promotion decision under "promotion" (with its reason: which
+    # evaluation set blocked it, for one).
+    nested = outcome.get("promotion")
+    decision: dict[str, Any] = nested if isinstance(nested, dict) else outcome
+    if decision.get("promoted") is not None:
+        parts.append("promoted" if decision["promoted"] else "not promoted")
+    if decision.get("reason"):
+        parts.append(str(decision["reason"]))
     return ", ".join(parts) or json.dumps(outcome, sort_keys=True)
 
 

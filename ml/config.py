@@ -14,6 +14,7 @@ Pydantic only (no TensorFlow), so TF-free processes validate requests with it.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 import annotated_types
@@ -27,6 +28,9 @@ from pydantic import (
 )
 
 __all__ = [
+    "DEFAULT_EXTERNAL_TOLERANCE",
+    "EVAL_NAME_PATTERN",
+    "check_eval_name",
     "MAX_INPUT_SIZE",
     "MIN_INPUT_SIZE",
     "POLICIES",
@@ -45,6 +49,23 @@ MAX_SEED = 2**32 - 1  # numpy's seed range
 # What happens to a finished job's version: see ml.promotion.decide.
 Policy = Literal["if_better", "always", "never"]
 POLICIES: tuple[Policy, ...] = ("if_better", "always", "never")
+# How far an if_better candidate may fall below the active version on a registered evaluation set
+# (ROC AUC and sensitivity; ml.promotion.external_gate). 0.05 is about the half-width of a 95%
+# interval of a sensitivity near 0.85 on ~250 pneumonias: a bigger drop is not noise. 1 = off.
+DEFAULT_EXTERNAL_TOLERANCE = 0.05
+# An evaluation set's name is also its file name (MODEL_DIR/<N>/external/<name>.json): letters,
+# digits, '.', '_', '-', never a leading dot.
+EVAL_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def check_eval_name(name: object) -> str:
+    """``name`` if it may name an evaluation set, else ValueError saying what is allowed."""
+    if not isinstance(name, str) or not EVAL_NAME_PATTERN.fullmatch(name):
+        raise ValueError(
+            "an evaluation set's name is 1-64 letters, digits, '.', '_' or '-', not starting "
+            f"with '.', '_' or '-'; got {name!r}"
+        )
+    return name
 
 
 class TrainingOptions(BaseModel):

@@ -15,7 +15,20 @@ from ml.config import POLICIES, Policy
 from ml.dataset import Dataset, x_test_at
 from ml.evaluation import evaluate_model
 
-__all__ = ["POLICIES", "Policy", "decide", "needs_active_score", "score_version"]
+__all__ = [
+    "EXTERNAL_METRICS",
+    "POLICIES",
+    "Policy",
+    "apply_external_gate",
+    "decide",
+    "external_gate",
+    "needs_active_score",
+    "score_version",
+]
+
+# What the external gate compares on every registered set: the ranking (threshold-free) and
+# what a screening service exists for, the pneumonias it finds at its own threshold.
+EXTERNAL_METRICS = ("roc_auc", "sensitivity")
 
 
 def needs_active_score(policy: str, active_version: int | None) -> bool:
@@ -68,6 +81,71 @@ def decide(
         return decision | {"promoted": True, "reason": why}
     why = f"{metric} {score} < {current} of version {active_version}: kept as a candidate"
     return decision | {"promoted": False, "reason": why}
+
+
+def external_gate(
+    candidate: Mapping[str, Mapping[str, Any]],
+    active: Mapping[str, Mapping[str, Any]],
+    active_version: int,
+    tolerance: float,
+) -> dict[str, Any]:
+    """Whether a candidate falls behind the active version on a registered evaluation set.
+
+    Args:
+        candidate: The candidate's external evaluations by set name (``ml.external``'s docs).
+        active: The active version's, by set name.
+        active_version: The active version's number (for the reason).
+        tolerance: How far below the active version each of :data:`EXTERNAL_METRICS` may be.
+
+    Returns:
+        ``{"tolerance", "checks": [{dataset, metric, candidate, active, ok}], "blocked_by",
+        "reason"}``; ``blocked_by`` is the first set that blocks (None: nothing blocks). A set the
+        candidate could not be scored on blocks; one the active version has no score on is
+        skipped (nothing to fall behind).
+    """
+    checks: list[dict[str, Any]] = []
+    blocked: tuple[str, str] | None = None
+    for name in sorted(candidate):
+        mine, theirs = candidate[name], active.get(name)
+        if theirs is None or theirs.get("error"):
+            continue
+        if mine.get("error"):
+            checks.append({"dataset": name, "metric": None, "ok": False})
+            blocked = blocked or (name, f"it could not be evaluated on {name!r}: {mine['error']}")
+            continue
+        for metric in EXTERNAL_METRICS:
+            score, current = mine.get(metric), theirs.get(metric)
+            if current is None:
+                continue
+            ok = score is not None and score >= current - tolerance
+            checks.append(
+                {"dataset": name, "metric": metric, "candidate": score, "active": current, "ok": ok}
+            )
+            if not ok and blocked is None:
+                why = (
+                    f"{metric} {score} on {name!r} is more than {tolerance} below version "
+                    f"{active_version}'s {current}"
+                )
+                blocked = (name, why)
+    return {
+        "tolerance": tolerance,
+        "checks": checks,
+        "blocked_by": blocked[0] if blocked else None,
+        "reason": blocked[1] if blocked else None,
+    }
+
+
+def apply_external_gate(decision: Mapping[str, Any], gate: Mapping[str, Any]) -> dict[str, Any]:
+    """``decision`` with the external gate recorded; a promotion it blocks becomes a candidate.
+
+    Only an ``if_better`` promotion is gated: ``always`` and ``never`` mean what they say, and
+    with no active version there is nothing to fall behind.
+    """
+    out = dict(decision) | {"external": dict(gate)}
+    if decision.get("promoted") and decision.get("policy") == "if_better" and gate["blocked_by"]:
+        out |= {"promoted": False, "reason": f"blocked by evaluation set {gate['blocked_by']!r}: "
+                f"{gate['reason']}; kept as a candidate"}  # fmt: skip
+    return out
 
 
 def score_version(

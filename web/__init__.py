@@ -13,6 +13,7 @@ from web.uploads import FORM_MAX_PARTS, FORM_MEMORY_BYTES, UploadRequest
 from worker.app import create_celery
 from worker.catalog import ModelCatalog
 from worker.client import Keys, PredictionClient
+from worker.evalsets import EvalDatasets
 from worker.jobs import TrainingJobs
 from worker.registry import ActiveVersion
 from worker.settings import Settings, get_settings
@@ -60,6 +61,7 @@ def register_extensions(app: Flask, settings: Settings) -> None:
     )
     app.extensions["cxr_jobs"] = TrainingJobs(settings, redis_client, celery)
     app.extensions["cxr_models"] = ModelCatalog(settings.model_dir)
+    app.extensions["cxr_eval_sets"] = EvalDatasets(settings, redis_client)
 
 
 def register_blueprints(app: Flask) -> None:

@@ -23,6 +23,7 @@ from flask import (
 )
 from pydantic import ValidationError
 
+from ml.config import check_eval_name
 from web import extension, settings
 from web.api import error_response
 from web.openapi import Operation, declare
@@ -41,6 +42,7 @@ from web.schemas import (
     TrainingJob,
 )
 from worker.catalog import ModelCatalog, VersionNotFoundError
+from worker.evalsets import EvalDatasetError, EvalDatasets, check_eval_path
 from worker.jobs import FINAL_JOB_STATES, TrainingJobs, TrainingRequest, form_fields
 from worker.registry import ActiveVersion, PointerError
 
@@ -77,6 +79,11 @@ def catalog() -> ModelCatalog:
 def training_jobs() -> TrainingJobs:
     """The current app's fine-tuning job client."""
     return extension("cxr_jobs", TrainingJobs)
+
+
+def eval_sets() -> EvalDatasets:
+    """The current app's registered evaluation sets."""
+    return extension("cxr_eval_sets", EvalDatasets)
 
 
 def actor() -> str:
@@ -439,6 +446,65 @@ def rollback_model() -> Reply:
 def list_audit() -> Reply:
     """The most recent changes of the active version, newest first."""
     return jsonify({"entries": registry().audit(query_limit())})
+
+
+# --- evaluation sets -----------------------------------------------------------------------------
+
+
+@bp.get("/eval-datasets")
+def list_eval_datasets() -> Reply:
+    """The registered evaluation sets (CXR_EVAL_DATASETS and the admin API's), by name."""
+    return jsonify({"datasets": eval_sets().list()})
+
+
+@bp.put("/eval-datasets/<name>")
+def register_eval_dataset(name: str) -> Reply:
+    """Register (or move) an evaluation set ``{"path": "<folder inside CXR_DATA_DIR>"}``."""
+    body = json_body()
+    unknown = sorted(set(body) - {"path"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}")
+    try:
+        check_eval_name(name)
+        path = check_eval_path(body.get("path"))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    data_dir = settings().data_dir
+    warning = None
+    if data_dir.is_dir():
+        if not (data_dir / path).is_dir():
+            return error_response(
+                422,
+                "dataset_not_found",
+                f"no folder {path!r} in CXR_DATA_DIR ({data_dir}): name one holding "
+                "<CLASS>/<images> or test/<CLASS>/<images>",
+            )
+    else:
+        warning = (
+            f"CXR_DATA_DIR ({data_dir}) is not visible to the web process, so the path was not "
+            "checked; a set the trainer cannot read is recorded as an error with each version"
+        )
+    sets = eval_sets()
+    existed = any(row["name"] == name for row in sets.list())
+    try:
+        doc = sets.register(name, path, actor())
+    except EvalDatasetError as exc:
+        return error_response(409, exc.code, str(exc))
+    response = jsonify(doc | ({"warning": warning} if warning else {}))
+    response.status_code = 200 if existed else 201
+    return response
+
+
+@bp.delete("/eval-datasets/<name>")
+def remove_eval_dataset(name: str) -> Reply:
+    """Forget an evaluation set; the evaluations stored with versions stay."""
+    try:
+        removed = eval_sets().remove(name)
+    except EvalDatasetError as exc:
+        return error_response(409, exc.code, str(exc))
+    if not removed:
+        return not_found(f"no evaluation set {name!r} registered through the admin API")
+    return Response(status=204)
 
 
 # --- the page -------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ml.external import read_external, sensitivity_warning
 from ml.versions import (
     ModelMetadata,
     VersionNotFoundError,
@@ -26,6 +27,10 @@ __all__ = ["ModelCatalog", "ModelDetail", "VersionNotFoundError"]
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+EXTERNAL_SUMMARY = (
+    "n", "accuracy", "sensitivity", "sensitivity_ci", "specificity", "roc_auc", "roc_auc_ci",
+    "threshold", "target_sensitivity", "error", "warning",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,29 @@ class ModelCatalog:
             "trained": meta.trained,
             "active": version == active,
             "has_curves": curves_path(self.model_dir, version) is not None,
+            "external": {
+                name: {k: doc[k] for k in EXTERNAL_SUMMARY if k in doc}
+                for name, doc in self.external(version, meta.hyperparameters).items()
+            },
         }
+
+    def external(
+        self, version: int, hyperparameters: dict[str, Any] | None = None
+    ) -> dict[str, dict[str, Any]]:
+        """The version's external evaluations by set, each with its ``warning`` (or None).
+
+        The target is the one the evaluation recorded, else the version's
+        ``target_sensitivity`` hyperparameter (what its threshold was chosen for).
+        """
+        target = (hyperparameters or {}).get("target_sensitivity")
+        out = {}
+        for name, doc in read_external(self.model_dir, version).items():
+            goal = doc.get("target_sensitivity")
+            doc["warning"] = sensitivity_warning(
+                {"dataset": name, **doc}, goal if goal is not None else target
+            )
+            out[name] = doc
+        return out
 
     def detail(self, version: int) -> dict[str, Any]:
         """Everything known about one version, with its evaluation (``active`` is the caller's).
@@ -99,5 +126,6 @@ class ModelCatalog:
         """
         doc = read_metadata(self.model_dir, version).to_dict()
         doc["evaluation"] = read_evaluation(self.model_dir, version)
+        doc["external"] = self.external(version, doc.get("hyperparameters"))
         doc["has_curves"] = curves_path(self.model_dir, version) is not None
         return doc

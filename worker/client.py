@@ -119,6 +119,10 @@ class Keys:
         """List of JSON audit entries of pointer changes, newest first."""
         return f"{self.prefix}:model:audit"
 
+    def eval_datasets(self) -> str:
+        """Hash of the evaluation sets registered through the admin API: name -> JSON."""
+        return f"{self.prefix}:eval:datasets"
+
     def model_events(self) -> str:
         """Pub/sub channel announcing pointer changes."""
         return f"{self.prefix}:model:events"

@@ -54,6 +54,14 @@ class TrainingRequest(TrainingOptions):
     promotion: Policy | None = Field(
         default=None, description="Promotion policy; default CXR_PROMOTION_POLICY."
     )
+    external_tolerance: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="How far (ROC AUC, sensitivity) an if_better candidate may fall below the "
+        "active version on any registered evaluation set; default "
+        "CXR_PROMOTION_EXTERNAL_TOLERANCE (1: off).",
+    )
 
     def knobs(self) -> dict[str, Any]:
         """The training knobs only, by :class:`ml.config.TrainConfig`'s names."""
@@ -118,6 +126,8 @@ class TrainingJobs:
         job_id = new_job_id()
         params = request.model_dump()
         params["promotion"] = params["promotion"] or self.settings.promotion_policy
+        if params["external_tolerance"] is None:
+            params["external_tolerance"] = self.settings.promotion_external_tolerance
         now = time.time()
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -13,8 +14,45 @@ from typing import Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ml.config import DEFAULT_EXTERNAL_TOLERANCE, check_eval_name
+
 MIN_ADMIN_TOKEN_LENGTH = 16
 PLACEHOLDER_TOKENS = frozenset({"changeme-changeme", "change-me-please!", "secretsecretsecret"})
+
+
+def parse_eval_datasets(text: str) -> dict[str, str]:
+    """``{"name": "path", ...}`` (JSON) or ``name=path,name=path`` as ``{name: path}``.
+
+    Raises ValueError naming what is wrong (a bad name, an empty path, not an object).
+    """
+    text = text.strip()
+    if not text:
+        return {}
+    if text.startswith("{"):
+        try:
+            raw = json.loads(text)
+        except ValueError as exc:
+            raise ValueError(f"CXR_EVAL_DATASETS is not valid JSON: {exc}") from None
+        if not isinstance(raw, dict) or not all(isinstance(v, str) for v in raw.values()):
+            raise ValueError('CXR_EVAL_DATASETS must be a JSON object {"name": "path"}')
+        pairs = list(raw.items())
+    else:
+        pairs = []
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise ValueError(f"CXR_EVAL_DATASETS: {item!r} is not name=path")
+            pairs.append((name.strip(), path.strip()))
+    out: dict[str, str] = {}
+    for name, path in pairs:
+        check_eval_name(name)
+        if not path or len(path) > MAX_EVAL_PATH_CHARS:
+            raise ValueError(f"CXR_EVAL_DATASETS: the path of {name!r} is empty or too long")
+        out[name] = path
+    return out
+
+
+MAX_EVAL_PATH_CHARS = 255
 
 
 class Settings(BaseSettings):
@@ -143,10 +181,33 @@ class Settings(BaseSettings):
     promotion_metric: Literal["roc_auc", "accuracy", "sensitivity", "specificity"] = Field(
         default="roc_auc", description="Metric the if_better policy compares."
     )
+    promotion_external_tolerance: float = Field(
+        default=DEFAULT_EXTERNAL_TOLERANCE,
+        ge=0,
+        le=1,
+        description="Default for jobs: how far (ROC AUC, sensitivity) an if_better candidate may "
+        "fall below the active version on any registered evaluation set (1: off).",
+    )
+    eval_datasets: str = Field(
+        default="",
+        description='Evaluation sets every published version is scored on: JSON {"name": "path"} '
+        "or name=path,...; a relative path is inside CXR_DATA_DIR. More are registered through "
+        "the admin API.",
+    )
     admin_token: SecretStr | None = Field(
         default=None,
         description="Bearer token of the admin API and page; unset disables them (never open).",
     )
+
+    @field_validator("eval_datasets")
+    @classmethod
+    def _eval_datasets(cls, value: str) -> str:
+        parse_eval_datasets(value)  # refuse a malformed value at start, not at the first publish
+        return value
+
+    def configured_eval_datasets(self) -> dict[str, str]:
+        """``CXR_EVAL_DATASETS`` as ``{name: path}``."""
+        return parse_eval_datasets(self.eval_datasets)
 
     @field_validator("admin_token", mode="before")
     @classmethod
@@ -186,6 +247,16 @@ class ClientSettings(BaseSettings):
         validation_alias=AliasChoices("USER"),
         description="The login name: the actor when CXR_ACTOR is unset or empty.",
     )
+    eval_datasets: str = Field(
+        default="", description="Evaluation sets local commands score versions on."
+    )
+    data_dir: Path = Field(
+        default=Path("data"), description="Where a relative evaluation-set path is."
+    )
+
+    def configured_eval_datasets(self) -> dict[str, Path]:
+        """``CXR_EVAL_DATASETS`` as ``{name: folder}`` (relative paths inside CXR_DATA_DIR)."""
+        return {n: self.data_dir / p for n, p in parse_eval_datasets(self.eval_datasets).items()}
 
     @property
     def who(self) -> str | None:

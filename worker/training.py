@@ -197,17 +197,59 @@ class TrainingRunner:
             decision_threshold=result.decision_threshold,
             trained=True,
         )
+        self._set_stage(job_id, "external evaluation")
+        external = self._evaluate_external(metadata.version)
         promotion = self._promote(
             job_id, request.promotion or "if_better", metadata.version, result.evaluation,
             dataset, root,
         )  # fmt: skip
+        promotion = self._gate_external(promotion, external, request)
+        if promotion["promoted"]:
+            self.active.set(
+                metadata.version, actor=f"training job {job_id}", reason=promotion["reason"]
+            )
         return {
             "version": metadata.version,
             "metrics": metadata.metrics,
             "training_seconds": metadata.training_seconds,
             "skipped_files": len(dataset.skipped),
             "promotion": promotion,
+            "external": {name: _brief(doc) for name, doc in external.items()},
         }
+
+    def _set_stage(self, job_id: str, stage: str) -> None:
+        self.redis.hset(self.keys.training_job(job_id), "progress", json.dumps({"stage": stage}))
+
+    def _evaluate_external(self, version: int) -> dict[str, dict[str, Any]]:
+        """Score ``version`` on every registered evaluation set and store the results."""
+        from ml.external import evaluate_on_sets
+        from worker.evalsets import EvalDatasets
+
+        return evaluate_on_sets(
+            self.settings.model_dir, version, EvalDatasets(self.settings, self.redis).resolved()
+        )
+
+    def _gate_external(
+        self, decision: dict[str, Any], external: dict[str, Any], request: TrainingRequest
+    ) -> dict[str, Any]:
+        """The external gate on an ``if_better`` promotion: no set may fall behind the active."""
+        from ml.external import evaluate_on_sets, read_external
+        from ml.promotion import apply_external_gate, external_gate
+        from worker.evalsets import EvalDatasets
+
+        active = decision.get("active_version")
+        if not (decision["promoted"] and decision["policy"] == "if_better" and active):
+            return decision
+        tolerance = request.external_tolerance
+        if tolerance is None:
+            tolerance = self.settings.promotion_external_tolerance
+        sets = EvalDatasets(self.settings, self.redis).resolved()
+        stored = read_external(self.settings.model_dir, active)
+        # A set registered after the active version was published: score it there now.
+        missing = {name: path for name, path in sets.items() if name not in stored}
+        stored |= evaluate_on_sets(self.settings.model_dir, active, missing)
+        gate = external_gate(external, stored, active, tolerance)
+        return apply_external_gate(decision, gate)
 
     def _promote(
         self,
@@ -218,17 +260,14 @@ class TrainingRunner:
         dataset: Dataset,
         root: os.PathLike[str],
     ) -> dict[str, Any]:
-        """Apply the promotion rule to the new version and move the pointer if it says so."""
+        """The promotion rule's decision for the new version (the caller moves the pointer)."""
         from ml.promotion import decide, needs_active_score, score_version
 
         active = self.active.get()
         scores = None
         if active is not None and needs_active_score(policy, active):
             scores = score_version(self.settings.model_dir, active, dataset, root)
-        decision = decide(policy, self.settings.promotion_metric, evaluation, active, scores)
-        if decision["promoted"]:
-            self.active.set(version, actor=f"training job {job_id}", reason=decision["reason"])
-        return decision
+        return decide(policy, self.settings.promotion_metric, evaluation, active, scores)
 
     def _cancel_check(self, job_id: str) -> Any:
         key = self.keys.training_job(job_id)
@@ -261,6 +300,12 @@ class TrainingRunner:
         if error is not None:
             fields["error"] = error
         self.redis.hset(self.keys.training_job(job_id), mapping=fields)  # type: ignore[arg-type]
+
+
+def _brief(doc: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures of an external evaluation, for a job's outcome."""
+    keys = ("n", "accuracy", "sensitivity", "sensitivity_ci", "specificity", "roc_auc", "error")
+    return {k: doc[k] for k in keys if k in doc}
 
 
 _runner: TrainingRunner | None = None

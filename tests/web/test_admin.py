@@ -49,6 +49,9 @@ ROUTES = [
     ("POST", "/models/1/pin"),
     ("POST", "/models/rollback"),
     ("GET", "/audit"),
+    ("GET", "/eval-datasets"),
+    ("PUT", "/eval-datasets/1"),
+    ("DELETE", "/eval-datasets/1"),
 ]
 BAD_AUTH: list[dict[str, str]] = [
     {},
@@ -380,6 +383,7 @@ SUMMARY_FIELDS = {
     "active",
     "has_curves",
     "trained",
+    "external",
 }
 
 

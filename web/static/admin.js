@@ -157,6 +157,41 @@ async function loadCurves(version, cell) {
   }
 }
 
+function fmtCI(ci) {
+  return Array.isArray(ci) ? ` [${fmtNumber(ci[0])}–${fmtNumber(ci[1])}]` : "";
+}
+
+// One line per registered evaluation set: AUC and sensitivity with their 95% intervals, and a
+// warning when the sensitivity falls short of the version's target beyond its interval.
+function externalCell(v) {
+  const cell = el("td", "external");
+  const sets = Object.entries(v.external || {});
+  if (!sets.length) {
+    cell.append(el("span", "hint", "—"));
+    return cell;
+  }
+  for (const [name, e] of sets) {
+    const line = el("div", "external-set");
+    line.dataset.set = name;
+    if (e.error) {
+      line.append(el("strong", "", name), ": ", el("span", "failed", "not evaluated"));
+      line.title = e.error;
+    } else {
+      line.append(el("strong", "", name),
+        `: AUC ${fmtNumber(e.roc_auc)}${fmtCI(e.roc_auc_ci)}, sens ${fmtNumber(e.sensitivity)}${fmtCI(e.sensitivity_ci)}, ` +
+        `spec ${fmtNumber(e.specificity)} (n=${e.n ?? "?"})`);
+      line.title = `accuracy ${fmtNumber(e.accuracy)}; at ${e.threshold == null ? "argmax" : "threshold " + fmtNumber(e.threshold)}`;
+    }
+    if (e.warning) {
+      const badge = el("span", "badge warning", "below target");
+      badge.title = e.warning;
+      line.append(" ", badge, el("div", "warning-text", e.warning));
+    }
+    cell.append(line);
+  }
+  return cell;
+}
+
 function baseLabel(v) {
   if (v.parent_version !== null && v.parent_version !== undefined) return `v${v.parent_version}`;
   return v.base_weights || "none";
@@ -202,6 +237,7 @@ async function refreshModels() {
       el("td", "num", fmtNumber(m.sensitivity)),
       el("td", "num", fmtNumber(m.specificity)),
       el("td", "num", fmtNumber(m.roc_auc)),
+      externalCell(v),
     );
     const curvesCell = el("td", "", v.has_curves ? "…" : "—");
     if (v.has_curves) loadCurves(v.version, curvesCell);
@@ -222,7 +258,7 @@ async function refreshModels() {
     td.append("No model versions yet: run ",
       el("code", null, "docker compose run --rm worker cxr init-model --base imagenet"),
       " (Docker Compose) or ", el("code", null, "cxr init-model"), " (local install), or start a job below.");
-    td.colSpan = 11;
+    td.colSpan = 12;
     tr.append(td);
     rows.push(tr);
   }
@@ -300,9 +336,11 @@ function outcomeText(job) {
   if (!o || typeof o !== "object") return "";
   const parts = [];
   if (o.version !== undefined && o.version !== null) parts.push(`published version ${o.version}`);
-  if (o.promoted === true) parts.push("promoted");
-  else if (o.promoted === false) parts.push("not promoted");
-  if (o.reason) parts.push(String(o.reason));
+  // The trainer records the decision under "promotion" (its reason names a blocking set).
+  const d = o.promotion && typeof o.promotion === "object" ? o.promotion : o;
+  if (d.promoted === true) parts.push("promoted");
+  else if (d.promoted === false) parts.push("not promoted");
+  if (d.reason) parts.push(String(d.reason));
   return parts.join(" · ");
 }
 
