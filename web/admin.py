@@ -23,7 +23,6 @@ from flask import (
 )
 from pydantic import ValidationError
 
-from ml.config import check_eval_name
 from web import extension, settings
 from web.api import error_response
 from web.openapi import Operation, declare
@@ -32,6 +31,8 @@ from web.schemas import (
     MAX_LIMIT,
     MAX_REASON_CHARS,
     AuditList,
+    EvalDatasetBody,
+    EvalDatasetList,
     JobList,
     ListQuery,
     ModelDetail,
@@ -42,7 +43,7 @@ from web.schemas import (
     TrainingJob,
 )
 from worker.catalog import ModelCatalog, VersionNotFoundError
-from worker.evalsets import EvalDatasetError, EvalDatasets, check_eval_path
+from worker.evalsets import EvalDatasetError, EvalDatasets, check_eval_name, check_eval_path
 from worker.jobs import FINAL_JOB_STATES, TrainingJobs, TrainingRequest, form_fields
 from worker.registry import ActiveVersion, PointerError
 
@@ -451,13 +452,42 @@ def list_audit() -> Reply:
 # --- evaluation sets -----------------------------------------------------------------------------
 
 
+EVAL_NAME = {"name": "the evaluation set's name"}
+LIST_EVAL_SETS = Operation(
+    redis=True,
+    responses={200: Answer("The registered evaluation sets.", EvalDatasetList)},
+)
+REGISTER_EVAL_SET = Operation(
+    body=EvalDatasetBody,
+    body_required=True,
+    parameters=EVAL_NAME,
+    responses={
+        200: "Moved: the set's record (with `warning` when the path could not be checked).",
+        201: "Registered: the set's record (with `warning` when the path could not be checked).",
+        400: INVALID,
+        409: "The name belongs to a CXR_EVAL_DATASETS set, or too many sets are registered.",
+        422: "No such folder in CXR_DATA_DIR (`dataset_not_found`).",
+    },
+)
+REMOVE_EVAL_SET = Operation(
+    parameters=EVAL_NAME,
+    responses={
+        204: "Removed (the evaluations stored with versions stay).",
+        404: "No such set registered through the admin API (`not_found`).",
+        409: "The set comes from CXR_EVAL_DATASETS, not the admin API.",
+    },
+)
+
+
 @bp.get("/eval-datasets")
+@declare(LIST_EVAL_SETS)
 def list_eval_datasets() -> Reply:
     """The registered evaluation sets (CXR_EVAL_DATASETS and the admin API's), by name."""
     return jsonify({"datasets": eval_sets().list()})
 
 
 @bp.put("/eval-datasets/<name>")
+@declare(REGISTER_EVAL_SET)
 def register_eval_dataset(name: str) -> Reply:
     """Register (or move) an evaluation set ``{"path": "<folder inside CXR_DATA_DIR>"}``."""
     body = json_body()
@@ -496,6 +526,7 @@ def register_eval_dataset(name: str) -> Reply:
 
 
 @bp.delete("/eval-datasets/<name>")
+@declare(REMOVE_EVAL_SET)
 def remove_eval_dataset(name: str) -> Reply:
     """Forget an evaluation set; the evaluations stored with versions stay."""
     try:

@@ -22,6 +22,8 @@ from worker.records import PredictionStatus
 from worker.registry import AuditEntry
 
 __all__ = [
+    "EvalDatasetBody",
+    "EvalDatasetList",
     "HeatmapMap",
     "OverlayQuery",
     "MAX_LIMIT",
@@ -105,6 +107,24 @@ class ListQuery(BaseModel):
     )
 
 
+class EvalDatasetBody(BaseModel):
+    """The body of registering an evaluation set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(
+        min_length=1,
+        max_length=255,
+        description="a folder in CXR_DATA_DIR holding <CLASS>/<images> or test/<CLASS>/<images>",
+    )
+
+
+class EvalDatasetList(TypedDict):
+    """The registered evaluation sets (CXR_EVAL_DATASETS and the admin API's), by name."""
+
+    datasets: list[dict[str, Any]]
+
+
 class PointerChange(BaseModel):
     """The optional body of promote, pin and rollback."""
 
@@ -178,6 +198,8 @@ class ModelSummary(TypedDict):
     decision_threshold: float | None
     active: bool
     has_curves: bool
+    trained: NotRequired[bool]  # False: never fine-tuned (its answers are marked)
+    external: NotRequired[dict[str, Any]]  # registered set -> its stored evaluation
 
 
 class ModelList(TypedDict):

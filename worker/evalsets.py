@@ -18,7 +18,13 @@ from ml.config import check_eval_name
 from worker.client import Keys, as_text
 from worker.settings import MAX_EVAL_PATH_CHARS, Settings
 
-__all__ = ["MAX_EVAL_DATASETS", "EvalDatasetError", "EvalDatasets", "check_eval_path"]
+__all__ = [
+    "MAX_EVAL_DATASETS",
+    "EvalDatasetError",
+    "EvalDatasets",
+    "check_eval_name",
+    "check_eval_path",
+]
 
 MAX_EVAL_DATASETS = 50
 """Most sets the admin API keeps registered (every publish scores each one)."""
