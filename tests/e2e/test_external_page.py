@@ -28,7 +28,11 @@ def admin_web(redis_url: str, model_dir: Path, tmp_path: Path) -> Iterator[tuple
     write_external(model_dir, 2, "kaggle-test", SHORT)
     write_external(model_dir, 2, "site-a", SHORT | {"sensitivity_ci": [0.4, 0.96]})
     write_external(model_dir, 2, "site-b", {"dataset": "site-b", "error": "no folder"})
-    settings = make_settings(redis_url, model_dir, admin_token=ADMIN_TOKEN)
+    (tmp_path / "data" / "site-c" / "NORMAL").mkdir(parents=True)
+    settings = make_settings(
+        redis_url, model_dir, admin_token=ADMIN_TOKEN, data_dir=tmp_path / "data",
+        eval_datasets="kaggle-test=/data/cxr-kaggle-test-256",
+    )  # fmt: skip
     with gunicorn(settings, tmp_path) as url:
         yield url, settings
 
@@ -54,3 +58,20 @@ def test_the_versions_table_shows_external_sets_and_warns(
     expect(v2.locator(".external-set[data-set=site-b]")).to_contain_text("not evaluated")
     v1 = page.locator("#versions tbody tr").nth(1)  # newest first; "v1" is also v2's base
     expect(v1.locator("td.external")).to_have_text("—")
+
+    # The evaluation sets: the configured one, and one registered from the page.
+    sets = page.locator("#eval-sets tbody tr")
+    expect(sets).to_have_count(1)
+    expect(sets.first).to_contain_text("CXR_EVAL_DATASETS")
+    page.fill("#eval-form input[name=name]", "nowhere")
+    page.fill("#eval-form input[name=path]", "no-such-folder")
+    page.click("#eval-form button[type=submit]")
+    expect(page.locator("#flash")).to_contain_text("no folder 'no-such-folder'")
+    page.fill("#eval-form input[name=name]", "site-c")
+    page.fill("#eval-form input[name=path]", "site-c")
+    page.click("#eval-form button[type=submit]")
+    expect(page.locator("#flash")).to_contain_text("Registered evaluation set site-c")
+    expect(sets).to_have_count(2)
+    page.on("dialog", lambda dialog: dialog.accept())
+    sets.filter(has_text="site-c").get_by_role("button", name="Remove").click()
+    expect(sets).to_have_count(1)

@@ -118,6 +118,7 @@ async function signIn() {
   const actor = sessionStorage.getItem(ACTOR_KEY);
   $("who").textContent = "Signed in" + (actor ? " as " + actor : "") + ".";
   refreshAudit().catch(fail);
+  refreshEvalSets().catch(fail);
   pollJobs();
 }
 
@@ -267,6 +268,53 @@ async function refreshModels() {
 
 $("rollback").addEventListener("click", () =>
   changePointer("/models/rollback", "Roll back to the previously active version?"));
+
+// --- evaluation sets ----------------------------------------------------------------------------
+
+async function refreshEvalSets() {
+  const doc = await apiJSON("GET", "/eval-datasets");
+  const rows = doc.datasets.map((d) => {
+    const tr = el("tr");
+    const actions = el("td", "actions");
+    if (d.source === "admin") {
+      actions.append(button("Remove", "small secondary", async () => {
+        if (!window.confirm(`Forget evaluation set ${d.name}? Stored results stay with the versions.`)) return;
+        try {
+          const { ok, status } = await api("DELETE", `/eval-datasets/${encodeURIComponent(d.name)}`);
+          if (!ok) throw new Error(`HTTP ${status}`);
+          await refreshEvalSets();
+        } catch (err) {
+          fail(err);
+        }
+      }));
+    }
+    tr.append(el("td", "", d.name), el("td", "", d.path),
+      el("td", "", d.source === "config" ? "CXR_EVAL_DATASETS" : `admin API${d.actor ? " (" + d.actor + ")" : ""}`), actions);
+    return tr;
+  });
+  if (!rows.length) {
+    const tr = el("tr");
+    const td = el("td", "hint", "None registered: versions are scored on their own test split only.");
+    td.colSpan = 4;
+    tr.append(td);
+    rows.push(tr);
+  }
+  $("eval-sets").querySelector("tbody").replaceChildren(...rows);
+}
+
+$("eval-form").addEventListener("submit", async (event) => {
+  event.preventDefault();
+  const form = event.target;
+  const name = form.elements.name.value.trim();
+  try {
+    const doc = await apiJSON("PUT", `/eval-datasets/${encodeURIComponent(name)}`, { path: form.elements.path.value.trim() });
+    flash(`Registered evaluation set ${doc.name}: versions published from now on are scored on it.` + (doc.warning ? " " + doc.warning : ""));
+    form.reset();
+    await refreshEvalSets();
+  } catch (err) {
+    fail(err);
+  }
+});
 
 // --- audit log ----------------------------------------------------------------------------------
 
