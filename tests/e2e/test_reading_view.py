@@ -12,7 +12,7 @@ import io
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
-from playwright.sync_api import Browser, Page, expect
+from playwright.sync_api import Browser, Page, Route, expect
 
 from tests.conftest import CLASSES
 from tests.dicoms import dicom_bytes
@@ -324,15 +324,23 @@ def test_a_card_without_image_or_explanation_shows_the_bars(page: Page, web_url:
 
 
 def test_untrained_marker_is_called_for_a_done_card(page: Page, web_url: str) -> None:
-    """window.cxrUntrained.mark(card, result), when a script defines it, sees each done card."""
-    job_id = uuid.uuid4().hex
-    doc = done_doc(job_id, explanation=None)
-    page.route(f"**/api/v1/predictions/{job_id}", lambda route: route.fulfill(json=doc))
-    page.add_init_script(
-        "window.cxrUntrained = { mark: (card, result) => { card.dataset.marked = result.label; } };"
-    )
-    page.goto(f"{web_url}/results?id={job_id}")
-    expect(page.locator("section.card")).to_have_attribute("data-marked", "PNEUMONIA")
+    """untrained.js's window.cxrUntrained.mark(card, result) sees each done card: an answer of a
+    never-trained version is marked, a trained one is not."""
+    untrained, trained = uuid.uuid4().hex, uuid.uuid4().hex
+    docs = {
+        untrained: done_doc(untrained, explanation=None),
+        trained: done_doc(trained, explanation=None),
+    }
+    docs[untrained]["result"]["model_trained"] = False
+    def answer(doc: dict[str, Any]) -> Callable[[Route], None]:
+        return lambda route: route.fulfill(json=doc)
+
+    for job_id, doc in docs.items():
+        page.route(f"**/api/v1/predictions/{job_id}", answer(doc))
+    page.goto(f"{web_url}/results?id={untrained}&id={trained}")
+    expect(page.locator(f'section.card[data-job="{untrained}"] .untrained-mark')).to_have_count(1)
+    expect(page.locator(f'section.card[data-job="{trained}"] .status')).to_have_text("PNEUMONIA")
+    expect(page.locator(f'section.card[data-job="{trained}"] .untrained-mark')).to_have_count(0)
 
 
 # --- keyboard, narrow screen, no JavaScript -----------------------------------------------------
