@@ -25,7 +25,53 @@ from ml.decision import NEGATIVE_CLASS, decide, negative_index
 if TYPE_CHECKING:
     import keras
 
-__all__ = ["evaluate_model", "evaluate_predictions", "plot_curves", "roc_auc"]
+__all__ = [
+    "bootstrap_auc_interval",
+    "evaluate_model",
+    "evaluate_predictions",
+    "plot_curves",
+    "roc_auc",
+    "wilson_interval",
+]
+
+Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
+    """The Wilson score interval (95% by default) of a proportion; ``None`` when ``n == 0``."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denominator = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denominator
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_auc_interval(
+    positive: npt.ArrayLike,
+    scores: npt.ArrayLike,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> tuple[float, float] | None:
+    """A 95% percentile-bootstrap interval of the ROC AUC (images resampled with replacement).
+
+    Resamples with only one label present are skipped; ``None`` when the AUC is undefined.
+    """
+    pos = np.asarray(positive, dtype=bool).ravel()
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    if roc_auc(pos, s) is None:
+        return None
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(resamples):
+        index = rng.integers(0, pos.size, pos.size)
+        auc = roc_auc(pos[index], s[index])
+        if auc is not None:
+            values.append(auc)
+    low, high = np.percentile(values, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def roc_auc(positive: npt.ArrayLike, scores: npt.ArrayLike) -> float | None:
@@ -126,6 +172,17 @@ def evaluate_predictions(
     called_disease = predicted != neg
     n = int(labels.size)
     auc = roc_auc(is_disease, 1.0 - p[:, neg])
+    hits = int(np.trace(confusion))
+    tp = int((is_disease & called_disease).sum())
+    tn = int((~is_disease & ~called_disease).sum())
+    auc_ci = bootstrap_auc_interval(is_disease, 1.0 - p[:, neg])
+    intervals = {
+        "method": "wilson (proportions), percentile bootstrap of 1000 resamples (roc_auc)",
+        "accuracy": wilson_interval(hits, n),
+        "sensitivity": wilson_interval(tp, int(is_disease.sum())),
+        "specificity": wilson_interval(tn, int((~is_disease).sum())),
+        "roc_auc": auc_ci,
+    }
     return {
         "n": n,
         "accuracy": float(np.trace(confusion)) / n,
@@ -137,6 +194,7 @@ def evaluate_predictions(
         "class_names": names,
         "negative_class": names[neg],
         "threshold": threshold,
+        "intervals_95": {k: list(v) if isinstance(v, tuple) else v for k, v in intervals.items()},
     }
 
 

@@ -195,6 +195,8 @@ class TrainingRunner:
             curves_png=result.curves_png,
             job_id=job_id,
             decision_threshold=result.decision_threshold,
+            ood_gate=result.ood_gate,
+            ood=result.ood,
         )
         promotion = self._promote(
             job_id, request.promotion or "if_better", metadata.version, result.evaluation,
