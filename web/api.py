@@ -64,8 +64,15 @@ def create_prediction() -> tuple[Response, int] | Response:
             400, "missing_file", "send the X-ray as a multipart/form-data field named 'file'"
         )
     storage = request.files["file"]
+    ood = request.args.get("ood") or request.form.get("ood") or "apply"
+    if ood not in ("apply", "ignore"):
+        return error_response(
+            400, "invalid_request", f"ood must be 'apply' or 'ignore', got {ood[:40]!r}"
+        )
     try:
-        job_id = prediction_client().submit(read_upload(storage), storage.filename)
+        job_id = prediction_client().submit(
+            read_upload(storage), storage.filename, ood_ignore=ood == "ignore"
+        )
     except ImageError as exc:
         metrics.rejected(exc.code)
         return error_response(image_error_status(exc), exc.code, str(exc))

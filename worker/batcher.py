@@ -42,6 +42,7 @@ class BatchResult:
     batch_size: int
     waited_s: float  # from hand-over to the start of the model call
     model_s: float  # the whole batch's model call
+    ood_score: float | None = None  # the version's OOD gate score (ml.ood); None: no gate
 
 
 @dataclass
@@ -151,7 +152,8 @@ class Batcher:
         try:
             x = np.stack([to_model_input(p.image, classifier.input_size) for p in batch])
             started = time.perf_counter()
-            probs = classifier.predict_batch(x)
+            # One call: probabilities and, when the version has a gate, its scores (ml.ood).
+            probs, scores = classifier.predict_scored(x)
             model_s = time.perf_counter() - started
         except Exception as exc:
             if len(batch) == 1:
@@ -165,7 +167,8 @@ class Batcher:
             return
         if self.on_batch is not None:
             self.on_batch(len(batch), model_s, classifier.version)
-        for row, p in zip(probs, batch, strict=True):
+        for i, (row, p) in enumerate(zip(probs, batch, strict=True)):
+            score = None if scores is None else float(scores[i])
             p.future.set_result(
-                BatchResult(classifier, row, len(batch), started - p.arrived, model_s)
+                BatchResult(classifier, row, len(batch), started - p.arrived, model_s, score)
             )

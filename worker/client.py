@@ -184,7 +184,7 @@ class PredictionClient:
         self.celery = celery
         self.keys = Keys(settings.key_prefix)
 
-    def submit(self, data: bytes, filename: str | None = None) -> str:
+    def submit(self, data: bytes, filename: str | None = None, ood_ignore: bool = False) -> str:
         """Validate an upload, store its normalised image and queue its prediction; return the id.
 
         What is stored is not the file but its decoded grayscale pixels, scaled down to at most
@@ -192,6 +192,9 @@ class PredictionClient:
         queued upload and the worker's decode do not grow with the file, and no metadata of the
         original travels on. For a DICOM that means no tag of the file (patient, study, dates)
         is stored anywhere: only its pixels, its size and the upload's file name.
+
+        ``ood_ignore``: the request asked for the raw answer (``?ood=ignore``): the gate's
+        verdict is not applied and the result says so (``ood_ignored``).
 
         Raises:
             QueueFullError: the queue holds ``max_queued_predictions`` already (checked first,
@@ -225,6 +228,7 @@ class PredictionClient:
                 "bytes": len(data),
                 "width": image.width,
                 "height": image.height,
+                **({"ood": "ignore"} if ood_ignore else {}),
             },
         )
         pipe.expire(self.keys.job(job_id), ttl)

@@ -34,13 +34,19 @@ class Timings:
 class PredictionResult:
     """The answer for one image: label, probabilities and which model gave them, how fast."""
 
-    label: str
+    label: str | None  # None: refused by the out-of-distribution gate
     probabilities: dict[str, float]
     model_version: int | None
     decision_threshold: float | None
     batch_size: int
     timings_ms: Timings
     precision: str = "float32"  # what the model computed in; the probabilities are float32
+    # The gate's verdict when it refused the image: {score, threshold, reason, method}; else None.
+    out_of_distribution: dict[str, Any] | None = None
+    # mahalanobis: the version's gate ran; none: the version has none; off: turned off (version or
+    # deployment); ignored: the request asked ?ood=ignore (then ood_ignored is true).
+    gate: str = "none"
+    ood_ignored: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-native form (the API's ``result`` object)."""
@@ -56,13 +62,16 @@ class PredictionResult:
         timings = data["timings_ms"]
         fields = {f.name: timings.get(f.name) for f in dataclasses.fields(Timings)}
         return cls(
-            label=data["label"],
+            label=data.get("label"),
             probabilities=dict(data["probabilities"]),
             model_version=data["model_version"],
             decision_threshold=data.get("decision_threshold"),
             batch_size=data["batch_size"],
             timings_ms=Timings(**fields),
             precision=data.get("precision", "float32"),
+            out_of_distribution=data.get("out_of_distribution"),
+            gate=data.get("gate", "none"),
+            ood_ignored=bool(data.get("ood_ignored", False)),
         )
 
     @classmethod

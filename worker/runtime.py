@@ -15,6 +15,8 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from ml.imaging import ImageError, decode_image
+from ml.ood import REASON, gate_off_path
+from ml.versions import version_dir
 from worker import metrics
 from worker.batcher import Batcher, BatchResult, NoModelAvailable
 from worker.client import NO_MODEL_MESSAGE, Keys, WorkerInfo, as_text
@@ -155,9 +157,9 @@ class WorkerRuntime:
     def _process(self, job_id: str, classify: Callable[[np.ndarray], BatchResult]) -> None:
         job_key, upload_key = self.keys.job(job_id), self.keys.upload(job_id)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(job_key, ["status", "created_at"])
+        pipe.hmget(job_key, ["status", "created_at", "ood"])
         pipe.get(upload_key)
-        (status, created_at), data = pipe.execute()
+        (status, created_at, ood_mode), data = pipe.execute()
         if status is None:
             log.warning("job %s expired before it was processed", job_id)
             self.redis.delete(upload_key)
@@ -187,9 +189,12 @@ class WorkerRuntime:
             return
         classifier = batch.classifier
         prediction = classifier.to_prediction(batch.probabilities)
+        gate, refusal = self._gate(
+            batch, ignore=ood_mode is not None and as_text(ood_mode) == "ignore"
+        )
         queued_ms = (started - float(created_at)) * 1000 if created_at else None
         result = PredictionResult(
-            label=prediction.label,
+            label=None if refusal else prediction.label,
             probabilities=prediction.probabilities,
             model_version=classifier.version,
             decision_threshold=classifier.decision_threshold,
@@ -202,8 +207,36 @@ class WorkerRuntime:
                 worker_total=round((time.time() - started) * 1000, 2),
             ),
             precision=classifier.precision,
+            out_of_distribution=refusal,
+            gate=gate,
+            ood_ignored=gate == "ignored",
         )
+        if refusal:
+            metrics.OOD_REFUSED.labels(model_version=str(classifier.version)).inc()
         self._finish(job_id, result=result)
+
+    def _gate(self, batch: BatchResult, ignore: bool) -> tuple[str, dict[str, object] | None]:
+        """Which gate applied (mahalanobis/none/off/ignored) and the refusal, if it refused."""
+        gate = batch.classifier.gate
+        if gate is None or batch.ood_score is None:
+            return "none", None
+        version = batch.classifier.version
+        if not self.settings.ood_gate or (
+            version is not None
+            and gate_off_path(version_dir(self.settings.model_dir, version)).exists()
+        ):
+            return "off", None
+        if ignore:
+            return "ignored", None
+        if batch.ood_score <= gate.threshold:
+            return gate.method, None
+        refusal = {
+            "score": round(batch.ood_score, 3),
+            "threshold": round(gate.threshold, 3),
+            "reason": REASON,
+            "method": gate.method,
+        }
+        return gate.method, refusal
 
     def _finish(
         self, job_id: str, *, result: PredictionResult | None = None, error: str | None = None
