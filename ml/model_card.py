@@ -13,7 +13,7 @@ import html
 from collections.abc import Sequence
 from typing import Any
 
-from ml.evaluation import wilson_interval
+from ml.intervals import wilson_interval
 
 __all__ = ["CARD_FILE", "build_card", "card_html", "card_markdown"]
 

@@ -23,6 +23,7 @@ from flask import (
 )
 from pydantic import ValidationError
 
+from ml.model_card import card_html, card_markdown
 from web import extension, settings
 from web.api import error_response
 from worker.catalog import ModelCatalog, VersionNotFoundError
@@ -305,6 +306,45 @@ def get_curves(version: int) -> Reply:
     if path is None:
         return not_found(f"model version {version} has no training curves")
     return send_file(path, mimetype="image/png", max_age=0)
+
+
+@bp.get("/models/<int:version>/card")
+def get_model_card(version: int) -> Reply:
+    """The model card of one version: JSON, or ``?format=markdown`` / ``?format=html``."""
+    try:
+        card = catalog().card(version, registry().audit(MAX_LIMIT))
+    except VersionNotFoundError:
+        return not_found(f"no model version {version}")
+    except (OSError, ValueError, TypeError) as exc:
+        return not_found(f"model version {version} cannot be read: {exc}")
+    fmt = request.args.get("format", "json")
+    if fmt == "markdown":
+        return Response(card_markdown(card), mimetype="text/markdown")
+    if fmt == "html":
+        return Response(card_html(card), mimetype="text/html")
+    if fmt != "json":
+        raise InvalidRequest(f"format must be json, markdown or html, got {fmt[:40]!r}")
+    return jsonify(card)
+
+
+@bp.put("/models/<int:version>/gate")
+def set_model_gate(version: int) -> Reply:
+    """Turn a version's out-of-distribution gate on or off: ``{"enabled": bool, "reason"?}``."""
+    body = json_body()
+    unknown = sorted(set(body) - {"enabled", "reason"})
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}")
+    enabled, why = body.get("enabled"), body.get("reason", "")
+    if not isinstance(enabled, bool):
+        raise InvalidRequest("enabled must be true or false")
+    if not isinstance(why, str) or len(why) > MAX_REASON_CHARS:
+        raise InvalidRequest(f"reason must be a string of at most {MAX_REASON_CHARS} characters")
+    try:
+        catalog().set_gate(version, enabled, actor(), why.strip())
+    except VersionNotFoundError:
+        return not_found(f"no model version {version}")
+    doc = catalog().detail(version)
+    return jsonify({"version": version, "gate": doc["gate"]})
 
 
 def change_pointer(version: int, action: str) -> Reply:

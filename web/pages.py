@@ -14,6 +14,7 @@ from worker.client import NO_MODEL_MESSAGE, ImageError, NoModelError, QueueFullE
 
 bp = Blueprint("pages", __name__)
 
+OOD_TEXT = "Not recognised as a frontal chest X-ray — no prediction"
 CODE_SPAN = re.compile(r"`([^`\n]+)`")
 
 
@@ -78,4 +79,11 @@ def results() -> Response | tuple[str, int]:
         return render_template(
             "index.html", notice=None, errors=[("", "No prediction ids given.")], accepted=[]
         ), 404
-    return Response(render_template("results.html", ids=ids))
+    # Results already there are rendered by the server too (a page without JavaScript, or
+    # reloaded after the jobs finished, still says what happened).
+    done = {}
+    for job_id in ids:
+        doc = prediction_client().status(job_id)
+        if doc is not None and doc.get("status") == "done":
+            done[job_id] = doc
+    return Response(render_template("results.html", ids=ids, done=done, ood_text=OOD_TEXT))

@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ml.model_card import build_card
+from ml.ood import read_gate_off, set_gate_off
 from ml.versions import (
     VersionNotFoundError,
     curves_path,
@@ -17,6 +19,7 @@ from ml.versions import (
     list_versions,
     read_evaluation,
     read_metadata,
+    version_dir,
 )
 
 __all__ = ["ModelCatalog", "VersionNotFoundError"]
@@ -65,7 +68,32 @@ class ModelCatalog:
             "decision_threshold": meta.decision_threshold,
             "active": version == active,
             "has_curves": curves_path(self.model_dir, version) is not None,
+            "gate": self.gate(version, meta.ood),
         }
+
+    def gate(self, version: int, ood: dict[str, Any]) -> dict[str, Any]:
+        """The versions table's gate column: method, threshold, acceptance on val and test."""
+        method = ood.get("method", "none") if ood else "none"
+        off = read_gate_off(version_dir(self.model_dir, version))
+        return {
+            "method": method,
+            "threshold": ood.get("threshold"),
+            "val_acceptance": ood.get("val_acceptance"),
+            "test_acceptance": ood.get("test_acceptance"),
+            "enabled": method != "none" and off is None,
+            "turned_off": off,
+        }
+
+    def card(self, version: int, audit: list[dict[str, Any]]) -> dict[str, Any]:
+        """The model card of ``version`` (ml.model_card), with the audit entries passed in."""
+        meta = read_metadata(self.model_dir, version)
+        return build_card(meta.to_dict(), read_evaluation(self.model_dir, version), audit)
+
+    def set_gate(self, version: int, enabled: bool, actor: str, reason: str) -> None:
+        """Turn ``version``'s gate on or off (a marker file in its folder the workers check)."""
+        if not has_version(self.model_dir, version):
+            raise VersionNotFoundError(f"no model version {version}")
+        set_gate_off(version_dir(self.model_dir, version), not enabled, actor, reason)
 
     def detail(self, version: int) -> dict[str, Any]:
         """Everything known about one version, with its evaluation (``active`` is the caller's).
@@ -77,4 +105,5 @@ class ModelCatalog:
         doc = read_metadata(self.model_dir, version).to_dict()
         doc["evaluation"] = read_evaluation(self.model_dir, version)
         doc["has_curves"] = curves_path(self.model_dir, version) is not None
+        doc["gate"] = self.gate(version, doc.get("ood") or {})
         return doc

@@ -3,6 +3,7 @@
 
 const POLL_MS = 500;
 const MAX_POLL_MS = 5000;
+const OOD_TEXT = "Not recognised as a frontal chest X-ray — no prediction";
 
 function el(tag, cls, text) {
   const node = document.createElement(tag);
@@ -13,8 +14,14 @@ function el(tag, cls, text) {
 
 function showResult(card, doc) {
   const result = doc.result;
-  card.querySelector(".status").textContent = result.label;
-  card.querySelector(".status").className = "status done label-" + result.label.toLowerCase();
+  if (result.label === null) {
+    // Refused by the out-of-distribution gate: no prediction; the probabilities stay below.
+    card.querySelector(".status").textContent = OOD_TEXT;
+    card.querySelector(".status").className = "status done refused";
+  } else {
+    card.querySelector(".status").textContent = result.label;
+    card.querySelector(".status").className = "status done label-" + result.label.toLowerCase();
+  }
   const bars = card.querySelector(".bars");
   bars.replaceChildren();
   for (const [name, p] of Object.entries(result.probabilities)) {
@@ -31,6 +38,7 @@ function showResult(card, doc) {
   card.querySelector(".meta").textContent =
     "Model version " + result.model_version + " · " + seconds + " from upload to result" +
     " (model " + result.timings_ms.model.toFixed(0) + " ms)" +
+    (result.ood_ignored ? " · out-of-distribution gate ignored on request" : "") +
     (result.decision_threshold == null ? "" :
       " · screening threshold: a finding when 1 − p(NORMAL) ≥ " + result.decision_threshold.toFixed(3));
 }
