@@ -159,7 +159,9 @@ def transformed(xrays: list[Gray], kind: str, seed: int = 0) -> list[Gray]:
             out.append(np.ascontiguousarray(img[y : y + ch, x : x + cw]))
         elif kind == "xray_tile2x2":
             half = np.asarray(
-                Image.fromarray(img).resize((img.shape[1] // 2, img.shape[0] // 2), Image.Resampling.BILINEAR)
+                Image.fromarray(img).resize(
+                    (img.shape[1] // 2, img.shape[0] // 2), Image.Resampling.BILINEAR
+                )
             )
             out.append(np.ascontiguousarray(np.block([[half, half], [half, half]])))
         else:
