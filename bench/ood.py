@@ -266,11 +266,58 @@ def table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def gate_cost(input_size: int, batch_sizes: list[int], rounds: int) -> dict[str, Any]:
+    """ms per model call without and with the gate (features output + numpy scoring).
+
+    Same compiled-call path as the worker (``Classifier``); the two are timed in alternation,
+    round after round, so a neighbour's load on the machine hits both alike. The weights and
+    the gate's numbers do not change the cost, so a random-init VGG16 and a random gate are used.
+    """
+    import keras
+
+    from ml.model import Classifier, build_classifier
+    from ml.ood import MahalanobisGate
+
+    keras.utils.set_random_seed(0)
+    model = build_classifier(["NORMAL", "PNEUMONIA"], input_size, None)
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(512, 512)).astype(np.float32)
+    gate = MahalanobisGate(rng.normal(size=(2, 512)).astype(np.float32), a @ a.T, 1e9, 0.99)
+    plain, gated = (
+        Classifier(model, ["NORMAL", "PNEUMONIA"]),
+        Classifier(model, ["NORMAL", "PNEUMONIA"], gate=gate),
+    )
+    rows = []
+    for n in batch_sizes:
+        x = rng.uniform(0, 255, (n, input_size, input_size, 1)).astype(np.float32)
+        plain.predict_scored(x), gated.predict_scored(x)  # build the kernels of this shape
+        times: dict[str, list[float]] = {"off": [], "on": []}
+        for _ in range(rounds):
+            for name, clf in (("off", plain), ("on", gated)):
+                t0 = time.perf_counter()
+                clf.predict_scored(x)
+                times[name].append(time.perf_counter() - t0)
+        off, on = (float(np.median(times[k])) * 1000 for k in ("off", "on"))
+        t0 = time.perf_counter()
+        for _ in range(20):
+            gate.score(rng.normal(size=(n, 512)))
+        score_ms = (time.perf_counter() - t0) / 20 * 1000
+        rows.append({
+            "batch_size": n, "ms_off": round(off, 2), "ms_on": round(on, 2),
+            "overhead": round(on / off - 1, 4), "numpy_score_ms": round(score_ms, 3),
+        })  # fmt: skip
+    return {"input_size": input_size, "rounds": rounds, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line: evaluate one version folder's gate."""
     parser = argparse.ArgumentParser(prog="python -m bench.ood", description=__doc__.split("\n")[0])
-    parser.add_argument("--version-dir", type=Path, required=True, help="MODEL_DIR/<N>")
-    parser.add_argument("--dataset", type=Path, required=True, help="<root>/{train,val,test}/")
+    parser.add_argument("--version-dir", type=Path, help="MODEL_DIR/<N>")
+    parser.add_argument("--dataset", type=Path, help="<root>/{train,val,test}/")
+    parser.add_argument(
+        "--cost", type=int, metavar="SIZE", help="instead: time the gate's cost at SIZE px"
+    )
+    parser.add_argument("--rounds", type=int, default=15, help="--cost: timed calls per side")
     parser.add_argument("--limit", type=int, default=None, help="test images used (default all)")
     parser.add_argument("--per-generated", type=int, default=20, help="images per generated kind")
     parser.add_argument("--out", type=Path, help="write the JSON report here")
@@ -278,6 +325,15 @@ def main(argv: list[str] | None = None) -> int:
         "--photos", type=Path, help="folder of sample photos (default: scikit-image's data/)"
     )
     args = parser.parse_args(argv)
+    if args.cost:
+        cost = gate_cost(args.cost, [1, 8, 16], args.rounds)
+        for row in cost["rows"]:
+            print(json.dumps(row))
+        if args.out:
+            args.out.write_text(json.dumps(cost, indent=2) + "\n")
+        return 0
+    if args.version_dir is None or args.dataset is None:
+        parser.error("--version-dir and --dataset are required (or --cost SIZE)")
 
     from ml.versions import load_classifier
 
