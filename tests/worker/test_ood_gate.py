@@ -25,7 +25,7 @@ from tests.conftest import WorkerProcess, link_model, make_settings, start_worke
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
-TOKEN = "t0ken-for-tests"
+TOKEN = "ood-gate-test-token-9f3a2c71"
 
 
 @pytest.fixture(scope="module")
