@@ -31,7 +31,7 @@ GENERAL_LIMITS = [
     "No follow-up: each image is classified alone, with no prior images of the same patient.",
     "Labels are image-level diagnoses from the source dataset; no per-finding localisation.",
     "The test metrics hold for images like the test split; other scanners, hospitals, ages or "
-    "populations can differ, and the intervals below do not cover that shift.",
+    "populations can differ, and the intervals above do not cover that shift.",
 ]
 # What is known about the source of a dataset, matched on its recorded path or name.
 KNOWN_SOURCES = {
@@ -182,7 +182,7 @@ def _fmt(value: Any) -> str:
     if value is None:
         return "—"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4g}"
     return str(value)
 
 
