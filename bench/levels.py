@@ -135,6 +135,7 @@ def run_stack_levels(
         batch_max_size=cfg.batch_max if batching else 1,
         batch_max_delay_ms=BATCH_DELAY_MS,
         precision=cfg.precision,
+        explain=shape.explain,
         web_threads=top + 8,  # every client may land on one web worker; ?wait holds a thread
     ) as stack:
         startup_s = time.perf_counter() - started
@@ -142,6 +143,7 @@ def run_stack_levels(
         run: Json = {
             "batching": batching,
             "shape": shape.label,
+            "explain": shape.explain,
             "settings": stack.settings,
             "startup_s": round(startup_s, 1),
             "worker_memory_serving": stack.worker_memory,

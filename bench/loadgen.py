@@ -160,6 +160,10 @@ class Client:
             self.conn.close()
 
 
+# The keys a finished prediction leaves: its hash, done-token, kept image and Grad-CAM map.
+FINISHED_KINDS = ("job", "done", "upload", "heatmap")
+
+
 class Forgetter:
     """Deletes the Redis keys of jobs whose result a client already has (one thread).
 
@@ -185,7 +189,7 @@ class Forgetter:
             except queue.Empty:
                 break
         if ids:
-            keys = [f"{self.prefix}:{kind}:{i}" for i in ids for kind in ("job", "done")]
+            keys = [f"{self.prefix}:{kind}:{i}" for i in ids for kind in FINISHED_KINDS]
             self.deleted += int(self.client.delete(*keys))
 
     def _run(self) -> None:
@@ -257,7 +261,7 @@ def foreign_load() -> list[str]:
 
 
 def clear_finished_jobs(stack: Stack, prefix: str = "cxr") -> int:
-    """Delete the job hashes and done-tokens of finished predictions; return how many keys.
+    """Delete the keys of finished predictions (hash, done-token, image, map); return how many.
 
     The web process scans every Redis key on each upload (``PredictionClient.workers``), so
     throughput falls as results accumulate (they are kept for an hour): each level starts from
@@ -265,7 +269,7 @@ def clear_finished_jobs(stack: Stack, prefix: str = "cxr") -> int:
     """
     client = redis.Redis.from_url(stack.redis_url)
     deleted = 0
-    for pattern in (f"{prefix}:job:*", f"{prefix}:done:*"):
+    for pattern in (f"{prefix}:{kind}:*" for kind in FINISHED_KINDS):
         keys = list(client.scan_iter(match=pattern, count=1000))
         for i in range(0, len(keys), 1000):
             deleted += int(client.delete(*keys[i : i + 1000]))

@@ -250,6 +250,7 @@ def run_stack(
     web_threads: int = 4,
     ready_timeout: float = 180.0,
     precision: str = "auto",
+    explain: bool = True,
 ) -> Iterator[Stack]:
     """Serve an untrained model of ``input_size`` px on 127.0.0.1; stop everything on exit.
 
@@ -266,6 +267,7 @@ def run_stack(
         pool: Celery pool of each worker command.
         batch_max_size: ``CXR_BATCH_MAX_SIZE`` (1 turns dynamic batching off).
         batch_max_delay_ms: ``CXR_BATCH_MAX_DELAY_MS``.
+        explain: ``CXR_EXPLAIN`` (Grad-CAM maps of every prediction; the service's default).
         web_threads: gunicorn threads per web worker; a long-polling status request holds one,
             so give at least as many as concurrent clients.
         ready_timeout: Seconds to wait for every worker process to serve.
@@ -321,6 +323,7 @@ def run_stack(
             "CXR_RATE_LIMIT_STATUS": "",
             "CXR_MAX_QUEUED_PREDICTIONS": "0",
             "CXR_PRECISION": precision,
+            "CXR_EXPLAIN": "1" if explain else "0",
             "TF_CPP_MIN_LOG_LEVEL": "2",
         }
         worker_pids = []
@@ -377,6 +380,7 @@ def run_stack(
                 "worker_concurrency": worker_concurrency,
                 "batch_max_size": batch_max_size,
                 "batch_max_delay_ms": batch_max_delay_ms,
+                "explain": explain,
                 "web_workers": web_workers,
                 "web_threads": web_threads,
                 "web_worker_class": "gthread",

@@ -233,8 +233,10 @@ def version_row(v: dict[str, Any]) -> tuple[object, ...]:
     """One row of ``cxr models``."""
     m = v.get("metrics") or {}
     base = f"v{v['parent_version']}" if v.get("parent_version") else v.get("base_weights")
+    # A version never fine-tuned: its answers are not a diagnosis (ModelMetadata.trained).
+    name = v["version"] if v.get("trained", True) else f"{v['version']} UNTRAINED"
     return (
-        v["version"], "*" if v["active"] else "", fmt_time(v.get("created_at")),
+        name, "*" if v["active"] else "", fmt_time(v.get("created_at")),
         base or "none", f"{v['input_size']}px", fmt_metric(m.get("accuracy")),
         fmt_metric(m.get("sensitivity")), fmt_metric(m.get("specificity")),
         fmt_metric(m.get("roc_auc")), gate_cell(v.get("gate") or {}),
@@ -278,6 +280,8 @@ def cmd_model(args: argparse.Namespace, api: AdminApi) -> int:
         print_json(doc)
         return 0
     print(f"version:   {doc['version']}" + ("  (active)" if doc.get("active") else ""))
+    if doc.get("trained") is False:
+        print("UNTRAINED: never fine-tuned; its answers are not a diagnosis")
     print(f"created:   {fmt_time(doc.get('created_at'))}")
     print(f"base:      {doc.get('base_weights') or 'none'}")
     if doc.get("parent_version") is not None:

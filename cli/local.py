@@ -52,6 +52,12 @@ def add_local_commands(sub: Any) -> None:
     )
     imp.add_argument("--note", help="free text kept in the version's metadata")
     add_gate_arguments(imp)
+    imp.add_argument(
+        "--untrained",
+        action="store_true",
+        help="mark the version as never trained (its answers are shown as not a diagnosis); "
+        "without it an imported model counts as trained",
+    )
 
     calibrate = sub.add_parser(
         "calibrate",
@@ -136,8 +142,12 @@ def cmd_init_model(args: argparse.Namespace) -> int:
         extra={"trained": False, "note": "untrained head, created by `cxr init-model`"},
         ood_gate=gate,
         ood=ood,
+        trained=False,
     )
-    print(f"wrote version {metadata.version} to {args.model_dir / str(metadata.version)}")
+    print(
+        f"wrote version {metadata.version} to {args.model_dir / str(metadata.version)} "
+        "(UNTRAINED: its answers are not a diagnosis until it is fine-tuned)"
+    )
     activate_if_first(args.model_dir, metadata.version)
     return 0
 
@@ -186,12 +196,17 @@ def cmd_import(args: argparse.Namespace) -> int:
             note=args.note,
             dataset_root=args.dataset,
             ood_acceptance=args.ood_acceptance,
+            trained=not args.untrained,
         )
     except (IncompatibleModelError, DatasetError) as exc:
         print(f"cannot import {args.file}: {exc}", file=sys.stderr)
         return 2
     path = args.model_dir / str(metadata.version)
-    print(f"imported {args.file} as version {metadata.version} ({metadata.input_size}px) to {path}")
+    mark = "" if metadata.trained else ", UNTRAINED"
+    print(
+        f"imported {args.file} as version {metadata.version} ({metadata.input_size}px{mark}) "
+        f"to {path}"
+    )
     activate_if_first(args.model_dir, metadata.version)
     return 0
 
@@ -248,11 +263,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if args.json or args.json_output:
             doc = {"image": str(path), "label": prediction.label, "model_version": version}
             doc["decision_threshold"] = threshold
+            doc["model_trained"] = classifier.trained
             print(json.dumps({**doc, "probabilities": prediction.probabilities}))
         else:
             probs = "  ".join(f"{k}={v:.3f}" for k, v in prediction.probabilities.items())
             rule = "" if threshold is None else f", threshold {threshold:.3f}"
-            print(f"{path}: {prediction.label}  ({probs})  [model v{version}{rule}]")
+            mark = "" if classifier.trained else "  UNTRAINED model: not a diagnosis"
+            print(f"{path}: {prediction.label}  ({probs})  [model v{version}{rule}]{mark}")
     return 1 if failures else 0
 
 
@@ -265,8 +282,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
         print(f"no model versions in {args.model_dir}")
     for v in versions:
         m = read_metadata(args.model_dir, v)
+        mark = "" if m.trained else "\tUNTRAINED"
         line = f"{v}\t{m.created_at}\t{m.input_size}px\t{','.join(m.class_names)}\t{m.base_weights}"
-        print(f"{line}\t{gate_column(m.ood)}")
+        print(f"{line}\t{gate_column(m.ood)}{mark}")
     return 0
 
 

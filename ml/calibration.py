@@ -101,4 +101,6 @@ def calibrate_version(
         extra={"calibrated_from": version},
         ood_gate=gate,
         ood=ood,
+        # New labels on the same weights: trained exactly when its parent was.
+        trained=meta.trained,
     )

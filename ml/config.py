@@ -104,6 +104,14 @@ class TrainingOptions(BaseModel):
         title="Augment",
         description="train with light augmentation (rotation, zoom, shift)",
     )
+    site_augment: bool = Field(
+        default=False,
+        title="Augment for other sites",
+        description=(
+            "also vary what differs between sites: aspect (squash), softness, contrast, gamma, "
+            "brightness, noise (ml/augment.py)"
+        ),
+    )
     patience: int = Field(
         default=3,
         ge=1,

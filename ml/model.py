@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from ml.decision import decide, negative_index
+from ml.explain import build_explainer
 from ml.ood import MahalanobisGate, feature_model
 from ml.precision import model_precision
 
@@ -101,6 +102,7 @@ class Classifier:
         version: int | None = None,
         decision_threshold: float | None = None,
         gate: MahalanobisGate | None = None,
+        trained: bool = True,
     ):
         shape = model.input_shape
         if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 1:
@@ -114,6 +116,9 @@ class Classifier:
         self.input_size = int(shape[1])
         self.version = version
         self.decision_threshold = decision_threshold
+        # False: a version never fine-tuned (ml.versions.ModelMetadata.trained); its answers
+        # carry the mark.
+        self.trained = trained
         self.precision = model_precision(model)
         self._negative = negative_index(self.class_names)
         self.gate = gate
@@ -125,6 +130,12 @@ class Classifier:
             input_signature=[
                 tf.TensorSpec((None, self.input_size, self.input_size, 1), tf.float32)
             ],
+        )
+        # Grad-CAM of the same layers (ml.explain); None with the reason for a model without
+        # a convolutional layer (the stand-in).
+        # With a gate its forward pass also gives the gate's pooled features (one pass).
+        self.explainer, self.explainer_error = build_explainer(
+            model, self.class_names, gate.layer if gate is not None else None
         )
 
     def predict_batch(self, images: np.ndarray) -> np.ndarray:
@@ -154,3 +165,5 @@ class Classifier:
     def warm_up(self) -> None:
         """Trace the compiled call once so the first real request does not pay for it."""
         self.predict_batch(np.zeros((1, self.input_size, self.input_size, 1), np.float32))
+        if self.explainer is not None:
+            self.explainer.warm_up()

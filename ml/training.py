@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
+from ml.augment import build_augmenter
 from ml.calibration import choose_threshold
 from ml.config import VGG16_BLOCKS, TrainConfig
 from ml.dataset import Dataset
@@ -108,28 +109,6 @@ def balanced_class_weights(y: npt.NDArray[np.integer[Any]], n_classes: int) -> d
     }
 
 
-def _augmenter(seed: int) -> Callable[[tf.Tensor], tf.Tensor]:
-    """Random small rotations, zooms and shifts of a batch of grayscale images (0..255)."""
-    import keras
-
-    # Chest films are taken in a standard position, so only small geometric jitter is realistic.
-    # No horizontal flip: a flipped chest puts the heart on the right (dextrocardia, a finding
-    # in its own right) and mirrors the side markers, which are not images the model will see.
-    # "reflect" fills the few border pixels with nearby anatomy instead of artificial black bars.
-    layers = [
-        keras.layers.RandomRotation(5 / 360, fill_mode="reflect", seed=seed),
-        keras.layers.RandomZoom(0.1, fill_mode="reflect", seed=seed + 1),
-        keras.layers.RandomTranslation(0.05, 0.05, fill_mode="reflect", seed=seed + 2),
-    ]
-
-    def augment(images: tf.Tensor) -> tf.Tensor:
-        for layer in layers:
-            images = layer(images, training=True)
-        return images
-
-    return augment
-
-
 def _input_pipelines(
     config: TrainConfig, dataset: Dataset
 ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
@@ -141,8 +120,8 @@ def _input_pipelines(
         len(dataset.y_train), seed=config.seed, reshuffle_each_iteration=True
     )
     train_ds = train_ds.batch(config.batch_size)
-    if config.augment:
-        augment = _augmenter(config.seed)
+    augment = build_augmenter(config.seed, light=config.augment, sites=config.site_augment)
+    if augment is not None:
         # Sequential map (no num_parallel_calls): the random layers draw from one seeded
         # generator, and a parallel map would hand out its draws in a varying order.
         train_ds = train_ds.map(lambda x, y: (augment(x), y))

@@ -64,16 +64,43 @@ class ModelMetadata:
     extra: dict[str, Any] = field(default_factory=dict)
     # The out-of-distribution gate (ml.ood): method, threshold, acceptance on val/test; {} = none.
     ood: dict[str, Any] = field(default_factory=dict)
+    # False for a version never fine-tuned (`cxr init-model`: a random or ImageNet base under a
+    # fresh head): its answers mean nothing and are marked so wherever they appear.
+    trained: bool = True
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelMetadata:
-        """Read metadata written by :meth:`to_dict`, ignoring keys it does not know."""
+        """Read metadata written by :meth:`to_dict`, ignoring keys it does not know.
+
+        Metadata written before ``trained`` existed gets it from :func:`infer_trained`.
+        """
         known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        if not isinstance(values.get("trained"), bool):
+            values["trained"] = infer_trained(
+                values.get("extra") or {},
+                bool(values.get("metrics")),
+                values.get("training_seconds") is not None,
+            )
+        return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the JSON-native form stored in ``metadata.json``."""
         return asdict(self)
+
+
+def infer_trained(extra: dict[str, Any], evaluated: bool, timed: bool) -> bool:
+    """Whether a version whose metadata does not say was trained.
+
+    ``extra["trained"]`` when present (``cxr init-model`` wrote ``False`` there before the field
+    existed); an imported model counts as trained (it was trained elsewhere; ``cxr import
+    --untrained`` says otherwise); else a version with an evaluation or a training time was
+    trained, one with neither (a bare ``save_version`` of a freshly built model) was not.
+    """
+    flag = extra.get("trained")
+    if isinstance(flag, bool):
+        return flag
+    return "imported_from" in extra or evaluated or timed
 
 
 def _is_number(name: str) -> bool:
@@ -157,11 +184,14 @@ def save_version(
     extra: dict[str, Any] | None = None,
     ood_gate: MahalanobisGate | None = None,
     ood: dict[str, Any] | None = None,
+    trained: bool | None = None,
 ) -> ModelMetadata:
     """Publish ``model`` as the next version number under ``model_dir`` and return its metadata.
 
     ``ood_gate`` is stored as ``ood.npz`` and ``ood`` (its summary, or why there is none) in the
     metadata; a model card (``model_card.md``) is written from the metadata and evaluation.
+    ``trained`` says whether the weights were fine-tuned (``None``: :func:`infer_trained` from
+    ``extra``, ``evaluation`` and ``training_seconds``).
 
     The model is saved in float32 whatever precision it was trained in (its variables are float32
     under a mixed policy, so nothing is lost), so every version loads the same way.
@@ -190,6 +220,10 @@ def save_version(
             for k in ("accuracy", "sensitivity", "specificity", "roc_auc")
             if evaluation and k in evaluation
         }
+        if trained is None:
+            trained = infer_trained(
+                extra or {}, evaluation is not None, training_seconds is not None
+            )
         while True:
             version += 1
             metadata = ModelMetadata(
@@ -206,6 +240,7 @@ def save_version(
                 decision_threshold=decision_threshold,
                 extra=dict(extra or {}),
                 ood=dict(ood or {}),
+                trained=trained,
             )
             _write_card(staging, metadata, evaluation)
             (staging / METADATA_FILE).write_text(json.dumps(metadata.to_dict(), indent=2) + "\n")
@@ -255,11 +290,13 @@ def import_model(
     note: str | None = None,
     dataset_root: PathLike | None = None,
     ood_acceptance: float | None = None,
+    trained: bool = True,
 ) -> ModelMetadata:
     """Publish an existing Keras model file (e.g. trained in a notebook) as a new version.
 
     With ``dataset_root`` its out-of-distribution gate is fitted on that dataset (ml.ood);
-    without, the version has none (``ood.method == "none"``).
+    without, the version has none (``ood.method == "none"``). It counts as trained unless
+    ``trained=False`` says otherwise (``cxr import --untrained``).
     """
     import keras
 
@@ -280,6 +317,7 @@ def import_model(
         extra={"imported_from": os.fspath(source), **({"note": note} if note else {})},
         ood_gate=gate,
         ood=ood,
+        trained=trained,
     )
 
 
@@ -304,6 +342,7 @@ def load_classifier(model_dir: PathLike, version: int, precision: str = "float32
         version=metadata.version,
         decision_threshold=metadata.decision_threshold,
         gate=load_gate(version_dir(model_dir, version) / OOD_FILE),
+        trained=metadata.trained,
     )
 
 

@@ -125,7 +125,9 @@ def settings_env(settings: Settings) -> dict[str, str]:
             continue
         if hasattr(value, "get_secret_value"):
             value = value.get_secret_value()
-        env[f"CXR_{name.upper()}"] = str(value)
+        # Complex settings are read back as JSON (pydantic-settings), not as Python's repr.
+        text = json.dumps(value) if isinstance(value, dict | list) else str(value)
+        env[f"CXR_{name.upper()}"] = text
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     return env
 
@@ -300,6 +302,7 @@ def model_dir(tiny_model_dir: Path, tmp_path: Path) -> Path:
         parent_version=1,
         training_seconds=12.5,
         job_id="a" * 32,
+        trained=True,
         metrics={k: EVALUATION[k] for k in ("accuracy", "sensitivity", "specificity", "roc_auc")},
     )
     meta_path.write_text(json.dumps(meta))

@@ -28,9 +28,9 @@ def test_architecture_names_every_redis_key() -> None:
 
     architecture = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
     keys = Keys("cxr")
-    names = [keys.job("<id>"), keys.upload("<id>"), keys.done("<id>")]
+    names = [keys.job("<id>"), keys.upload("<id>"), keys.done("<id>"), keys.heatmap("<id>")]
     names += [keys.worker("<host>:<pid>"), keys.workers(), keys.training_job("<id>")]
-    names += [keys.training_index()]
+    names += [keys.training_index(), keys.first_run(), keys.first_run_lock()]
     names += [keys.active_version(), keys.model_history(), keys.model_audit(), keys.model_events()]
     for key in names:
         assert f"`{key}`" in architecture, key

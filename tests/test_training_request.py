@@ -56,7 +56,8 @@ def boundaries(name: str) -> tuple[list[float], list[float]]:
 def test_every_knob_is_declared_with_help_and_a_default() -> None:
     assert {
         "input_size", "epochs_head", "epochs_finetune", "learning_rate_head",
-        "learning_rate_finetune", "finetune_blocks", "batch_size", "augment", "patience", "seed",
+        "learning_rate_finetune", "finetune_blocks", "batch_size", "augment", "site_augment",
+        "patience", "seed",
         "max_images_per_class", "target_sensitivity",
     } == set(KNOBS)  # fmt: skip
     for name in KNOBS:

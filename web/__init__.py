@@ -63,10 +63,10 @@ def register_extensions(app: Flask, settings: Settings) -> None:
 
 
 def register_blueprints(app: Flask) -> None:
-    """Register the pages, API, health, admin and metrics blueprints and error handlers."""
+    """Register the pages, API, health, admin, metrics and OpenAPI blueprints and error handlers."""
     # Imported here, not at the top: gunicorn's config must set PROMETHEUS_MULTIPROC_DIR before
     # prometheus_client (imported by web.metrics) is first imported.
-    from web import admin, api, health, metrics, pages
+    from web import admin, api, health, metrics, openapi, pages
 
     metrics.instrument(app)
     app.register_blueprint(pages.bp)
@@ -74,6 +74,7 @@ def register_blueprints(app: Flask) -> None:
     app.register_blueprint(health.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(admin.pages_bp)
+    app.register_blueprint(openapi.bp)
     api.register_error_handlers(app)
 
 

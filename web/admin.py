@@ -26,6 +26,21 @@ from pydantic import ValidationError
 from ml.model_card import card_html, card_markdown
 from web import extension, settings
 from web.api import error_response
+from web.openapi import Operation, declare
+from web.openapi import Reply as Answer
+from web.schemas import (
+    MAX_LIMIT,
+    MAX_REASON_CHARS,
+    AuditList,
+    JobList,
+    ListQuery,
+    ModelDetail,
+    ModelList,
+    PointerChange,
+    PointerChanged,
+    TrainingAccepted,
+    TrainingJob,
+)
 from worker.catalog import ModelCatalog, VersionNotFoundError
 from worker.jobs import FINAL_JOB_STATES, TrainingJobs, TrainingRequest, form_fields
 from worker.registry import ActiveVersion, PointerError
@@ -35,10 +50,7 @@ pages_bp = Blueprint("admin_pages", __name__)
 
 ACTOR = "admin"
 MAX_ACTOR_CHARS = 64
-MAX_REASON_CHARS = 500
 MAX_JSON_BYTES = 64 * 1024  # an admin request body is a few hundred bytes of JSON
-DEFAULT_LIMIT = 50
-MAX_LIMIT = 1000
 # What may follow "admin:" in an audit entry: a name or an e-mail address, nothing that could
 # forge another log line or hide in a terminal (no control characters, no newlines).
 _ACTOR_CHARS = re.compile(r"[^A-Za-z0-9 ._@+-]")
@@ -165,29 +177,29 @@ def json_body() -> dict[str, Any]:
 
 
 def query_limit() -> int:
-    """The ``limit`` query parameter, 1..MAX_LIMIT (default DEFAULT_LIMIT)."""
-    raw = request.args.get("limit")
-    if raw is None:
-        return DEFAULT_LIMIT
+    """The ``limit`` query parameter (``web.schemas.ListQuery``: 1..MAX_LIMIT, default 50)."""
     try:
-        limit = int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_LIMIT:
-        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_LIMIT}, got {raw!r}")
-    return limit
+        return ListQuery.model_validate(request.args.to_dict()).limit
+    except ValidationError:
+        raw = request.args.get("limit")
+        raise InvalidRequest(
+            f"limit must be an integer from 1 to {MAX_LIMIT}, got {raw!r}"
+        ) from None
 
 
 def reason() -> str:
-    """The optional ``reason`` of a pointer change, from a JSON body ``{"reason": "..."}``."""
+    """The optional ``reason`` of a pointer change (``web.schemas.PointerChange``)."""
     body = json_body()
-    unknown = sorted(set(body) - {"reason"})
+    unknown = sorted(set(body) - set(PointerChange.model_fields))
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}")
-    value = body.get("reason", "")
-    if not isinstance(value, str) or len(value) > MAX_REASON_CHARS:
-        raise InvalidRequest(f"reason must be a string of at most {MAX_REASON_CHARS} characters")
-    return value.strip()
+    try:
+        change = PointerChange.model_validate(body, strict=True)
+    except ValidationError:
+        raise InvalidRequest(
+            f"reason must be a string of at most {MAX_REASON_CHARS} characters"
+        ) from None
+    return change.reason.strip()
 
 
 def not_found(what: str) -> Reply:
@@ -195,10 +207,79 @@ def not_found(what: str) -> Reply:
     return error_response(404, "not_found", what)
 
 
+# --- what each route takes and answers (web.openapi builds the document from these) ----------
+
+JOB_ID = {"job_id": "the `id` of the fine-tuning job"}
+VERSION = {"version": "a model version number"}
+INVALID = "The body or query string is invalid (`invalid_request`, with `details`)."
+POINTER_CHANGED = Answer("The new active version and the audit entry.", PointerChanged)
+CHANGE_POINTER = Operation(
+    body=PointerChange,
+    parameters=VERSION,
+    responses={200: POINTER_CHANGED, 400: INVALID, 404: "No such version (`not_found`)."},
+)
+CREATE_JOB = Operation(
+    body=TrainingRequest,
+    responses={
+        202: Answer(
+            "Queued; follow `status_url`.",
+            TrainingAccepted,
+            headers={"Location": "The job's URL."},
+        ),
+        400: INVALID,
+        409: "`base` is `active` and no version is active (`no_active_version`).",
+        422: "The dataset is not in CXR_DATA_DIR (`dataset_not_found`).",
+    },
+)
+LIST_JOBS = Operation(
+    query=ListQuery, responses={200: Answer("Newest first.", JobList), 400: INVALID}
+)
+GET_JOB = Operation(
+    parameters=JOB_ID,
+    responses={200: Answer("The job.", TrainingJob), 404: "No such job (`not_found`)."},
+)
+CANCEL_JOB = Operation(
+    parameters=JOB_ID,
+    responses={
+        202: Answer("Cancelled (queued), or asked to stop (running).", TrainingJob),
+        404: "No such job (`not_found`).",
+        409: "Already finished (`not_cancellable`, with its `status`).",
+    },
+)
+LIST_MODELS = Operation(responses={200: Answer("Every version, newest first.", ModelList)})
+GET_MODEL = Operation(
+    parameters=VERSION,
+    responses={
+        200: Answer("The version.", ModelDetail),
+        404: "No such version, or unreadable (`not_found`).",
+    },
+)
+GET_CURVES = Operation(
+    parameters=VERSION,
+    redis=False,
+    responses={
+        200: Answer("The training curves.", media_type="image/png"),
+        404: "No such version, or it has no curves (`not_found`).",
+    },
+)
+ROLLBACK = Operation(
+    body=PointerChange,
+    responses={
+        200: POINTER_CHANGED,
+        400: INVALID,
+        409: "There is no previous version (`no_previous_version`).",
+    },
+)
+LIST_AUDIT = Operation(
+    query=ListQuery, responses={200: Answer("Newest first.", AuditList), 400: INVALID}
+)
+
+
 # --- fine-tuning jobs ---------------------------------------------------------------------------
 
 
 @bp.post("/training-jobs")
+@declare(CREATE_JOB)
 def create_training_job() -> Reply:
     """Queue a fine-tuning job; answer 202 with where to follow it."""
     try:
@@ -231,20 +312,24 @@ def create_training_job() -> Reply:
         )
     job_id = training_jobs().submit(params, actor())
     status_url = url_for("admin.get_training_job", job_id=job_id)
-    body = {"id": job_id, "status": "queued", "status_url": status_url}
-    response = jsonify(body | ({"warning": warning} if warning else {}))
+    body: TrainingAccepted = {"id": job_id, "status": "queued", "status_url": status_url}
+    if warning:
+        body["warning"] = warning
+    response = jsonify(body)
     response.status_code = 202
     response.headers["Location"] = status_url
     return response
 
 
 @bp.get("/training-jobs")
+@declare(LIST_JOBS)
 def list_training_jobs() -> Reply:
     """The most recent fine-tuning jobs, newest first."""
     return jsonify({"jobs": training_jobs().list(query_limit())})
 
 
 @bp.get("/training-jobs/<job_id>")
+@declare(GET_JOB)
 def get_training_job(job_id: str) -> Reply:
     """One fine-tuning job: parameters, status, progress, outcome."""
     doc = training_jobs().get(job_id)
@@ -254,6 +339,7 @@ def get_training_job(job_id: str) -> Reply:
 
 
 @bp.delete("/training-jobs/<job_id>")
+@declare(CANCEL_JOB)
 def cancel_training_job(job_id: str) -> Reply:
     """Cancel a queued job at once, or ask a running one to stop at its next batch."""
     jobs = training_jobs()
@@ -278,6 +364,7 @@ def cancel_training_job(job_id: str) -> Reply:
 
 
 @bp.get("/models")
+@declare(LIST_MODELS)
 def list_models() -> Reply:
     """Every model version, newest first, and which one is active."""
     active = registry().get()
@@ -287,6 +374,7 @@ def list_models() -> Reply:
 
 
 @bp.get("/models/<int:version>")
+@declare(GET_MODEL)
 def get_model(version: int) -> Reply:
     """Everything known about one version, with its evaluation."""
     try:
@@ -300,6 +388,7 @@ def get_model(version: int) -> Reply:
 
 
 @bp.get("/models/<int:version>/curves.png")
+@declare(GET_CURVES)
 def get_curves(version: int) -> Reply:
     """The training curves of one version (PNG)."""
     path = catalog().curves(version)
@@ -360,18 +449,21 @@ def change_pointer(version: int, action: str) -> Reply:
 
 
 @bp.post("/models/<int:version>/promote")
+@declare(CHANGE_POINTER)
 def promote_model(version: int) -> Reply:
     """Make ``version`` the one every worker serves."""
     return change_pointer(version, "promote")
 
 
 @bp.post("/models/<int:version>/pin")
+@declare(CHANGE_POINTER)
 def pin_model(version: int) -> Reply:
     """Deliberately make a specific (usually older) version active."""
     return change_pointer(version, "pin")
 
 
 @bp.post("/models/rollback")
+@declare(ROLLBACK)
 def rollback_model() -> Reply:
     """Make the previously active version active again."""
     why = reason()
@@ -383,6 +475,7 @@ def rollback_model() -> Reply:
 
 
 @bp.get("/audit")
+@declare(LIST_AUDIT)
 def list_audit() -> Reply:
     """The most recent changes of the active version, newest first."""
     return jsonify({"entries": registry().audit(query_limit())})

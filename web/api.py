@@ -1,15 +1,27 @@
-"""JSON API: ``/api/v1/predictions`` to submit an X-ray and poll for its result."""
+"""JSON API: ``/api/v1/predictions`` to submit an X-ray and poll for its result, its image and
+its Grad-CAM map."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from flask import Blueprint, Flask, Response, jsonify, render_template, request, url_for
+from pydantic import BaseModel, Field, ValidationError
 from werkzeug.datastructures import FileStorage
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from web import metrics, prediction_client, settings
+from web.openapi import Operation, Reply, declare
+from web.schemas import (
+    MAX_WAIT_SECONDS,
+    Accepted,
+    HeatmapMap,
+    OverlayQuery,
+    PredictionStatus,
+    StatusQuery,
+    UploadQuery,
+)
 from web.uploads import too_large_message
 from worker.client import (
     CorruptImageError,
@@ -24,8 +36,7 @@ from worker.client import (
 
 bp = Blueprint("api", __name__, url_prefix="/api/v1")
 
-# Longest a status request may be held open; below the Redis client's socket timeout.
-MAX_WAIT_SECONDS = 20.0
+__all__ = ["MAX_WAIT_SECONDS", "bp", "error_response", "register_error_handlers"]
 
 # The HTTP status for each kind of refused upload (the first class that matches wins).
 IMAGE_ERROR_STATUS: dict[type[ImageError], int] = {
@@ -47,6 +58,54 @@ def image_error_status(exc: ImageError) -> int:
     return next((s for cls, s in IMAGE_ERROR_STATUS.items() if isinstance(exc, cls)), 400)
 
 
+FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def explain_requested() -> bool:
+    """The request's ``explain`` flag: a form field (the last value wins: the form sends a
+    hidden ``0`` before its checkbox's ``1``), else the query string; on when absent."""
+    values = request.form.getlist("explain") or request.args.getlist("explain")
+    return not values or values[-1].strip().lower() not in FALSE_WORDS
+
+
+def ood_requested() -> str | None:
+    """The request's ``ood`` (query, else form field; ``apply`` when absent); None: invalid.
+
+    Both places are validated (UploadQuery): a bad value in either is refused, not shadowed.
+    """
+    try:
+        query = UploadQuery.model_validate(request.args.to_dict())
+        form = UploadQuery.model_validate(
+            {k: request.form[k] for k in ("ood",) if k in request.form}
+        )
+    except ValidationError:
+        return None
+    return query.ood if "ood" in request.args else form.ood
+
+
+def not_found(job_id: str, what: str = "prediction") -> tuple[Response, int]:
+    """The 404 of an unknown or expired id (not cached: a map may still be on its way)."""
+    ttl = settings().result_ttl_seconds
+    response, status = error_response(
+        404,
+        "not_found",
+        f"no {what} for id {job_id!r}: it was never issued, it has none (explain=0, failed or "
+        f"still running), or it finished more than {ttl} s ago and has expired"
+        if what != "prediction"
+        else f"no prediction with id {job_id!r}: it was never issued, or it finished more than "
+        f"{ttl} s ago and has expired",
+    )
+    response.headers["Cache-Control"] = "no-store"
+    return response, status
+
+
+def _cached(response: Response) -> Response:
+    # What an id names never changes (the image from the upload on, the map once written) and
+    # it is a patient's image: private caches only, for as long as the result lives.
+    response.headers["Cache-Control"] = f"private, max-age={settings().result_ttl_seconds}"
+    return response
+
+
 def read_upload(storage: FileStorage | None) -> bytes:
     """Return the bytes of a multipart file field, raising EmptyImageError when there are none."""
     data = storage.read() if storage is not None else b""
@@ -55,7 +114,85 @@ def read_upload(storage: FileStorage | None) -> bytes:
     return data
 
 
+class Upload(BaseModel):
+    """The multipart body of an upload."""
+
+    file: bytes = Field(
+        min_length=1,
+        description="the X-ray: PNG, JPEG or DICOM",
+        json_schema_extra={"format": "binary", "contentMediaType": "application/octet-stream"},
+    )
+    ood: Literal["apply", "ignore"] | None = Field(
+        default=None, description="as the query's `ood` (the query wins when both are sent)"
+    )
+
+
+UPLOAD = Operation(
+    query=UploadQuery,
+    body=Upload,
+    body_kind="multipart",
+    body_required=True,
+    rate_limited=True,
+    responses={
+        202: Reply(
+            "Queued; poll `status_url`.",
+            model=Accepted,
+            headers={"Location": "The status URL of the prediction."},
+        ),
+        400: "No field `file` (`missing_file`), an empty one (`empty`), not an image "
+        "(`corrupt`), or `ood` neither `apply` nor `ignore` (`invalid_request`).",
+        413: "The request is over CXR_MAX_UPLOAD_MB (`too_large`), or the image over "
+        "CXR_MAX_IMAGE_PIXELS (`too_many_pixels`).",
+        415: "Not PNG, JPEG or DICOM (`unsupported_format`), or a DICOM that is not a "
+        "projection X-ray (`unsupported_modality`).",
+        503: Reply(
+            "No worker has a model (`no_model`), the queue is full (`queue_full`, with "
+            "`Retry-After`), or Redis is unreachable (`unavailable`).",
+            headers={"Retry-After": "Seconds after which to try again (`queue_full`)."},
+        ),
+    },
+)
+STATUS = Operation(
+    query=StatusQuery,
+    rate_limited=True,
+    parameters={"job_id": "the `id` of the prediction"},
+    responses={
+        200: Reply("Its state; `result` once `done`, `error` once `failed`.", PredictionStatus),
+        400: "`wait` is not a number (`invalid_wait`).",
+        404: "Never issued, or expired (`not_found`).",
+    },
+)
+
+
+JOB = {"job_id": "the `id` of the prediction"}
+GONE = "Never issued, expired, or (for a map) not explained (`not_found`)."
+IMAGE = Operation(
+    rate_limited=True,
+    parameters=JOB,
+    responses={
+        200: Reply("The X-ray as stored: grayscale PNG, pixels only.", media_type="image/png"),
+        404: GONE,
+    },
+)
+OVERLAY = Operation(
+    query=OverlayQuery,
+    rate_limited=True,
+    parameters=JOB,
+    responses={
+        200: Reply("The Grad-CAM map over the X-ray, with a legend.", media_type="image/png"),
+        400: "`opacity` is not a number from 0 to 1 (`invalid_opacity`).",
+        404: GONE,
+    },
+)
+MAP = Operation(
+    rate_limited=True,
+    parameters=JOB,
+    responses={200: Reply("The normalised Grad-CAM map as data.", HeatmapMap), 404: GONE},
+)
+
+
 @bp.post("/predictions")
+@declare(UPLOAD)
 def create_prediction() -> tuple[Response, int] | Response:
     """Validate an uploaded X-ray and queue it; answer 202 with where to poll."""
     if "file" not in request.files:
@@ -64,14 +201,15 @@ def create_prediction() -> tuple[Response, int] | Response:
             400, "missing_file", "send the X-ray as a multipart/form-data field named 'file'"
         )
     storage = request.files["file"]
-    ood = request.args.get("ood") or request.form.get("ood") or "apply"
-    if ood not in ("apply", "ignore"):
-        return error_response(
-            400, "invalid_request", f"ood must be 'apply' or 'ignore', got {ood[:40]!r}"
-        )
+    ood = ood_requested()
+    if ood is None:
+        return error_response(400, "invalid_request", "ood must be 'apply' or 'ignore'")
     try:
         job_id = prediction_client().submit(
-            read_upload(storage), storage.filename, ood_ignore=ood == "ignore"
+            read_upload(storage),
+            storage.filename,
+            explain=explain_requested(),
+            ood_ignore=ood == "ignore",
         )
     except ImageError as exc:
         metrics.rejected(exc.code)
@@ -85,13 +223,15 @@ def create_prediction() -> tuple[Response, int] | Response:
         response.headers["Retry-After"] = str(exc.retry_after)
         return response, status
     status_url = url_for("api.get_prediction", job_id=job_id)
-    response = jsonify({"id": job_id, "status": "queued", "status_url": status_url})
+    body: Accepted = {"id": job_id, "status": "queued", "status_url": status_url}
+    response = jsonify(body)
     response.status_code = 202
     response.headers["Location"] = status_url
     return response
 
 
 @bp.get("/predictions/<job_id>")
+@declare(STATUS)
 def get_prediction(job_id: str) -> tuple[Response, int] | Response:
     """Return the state of a prediction: queued, running, done (with result) or failed.
 
@@ -99,19 +239,47 @@ def get_prediction(job_id: str) -> tuple[Response, int] | Response:
     pass, so a client needs one request rather than a polling loop.
     """
     try:
-        wait = min(float(request.args.get("wait", 0)), MAX_WAIT_SECONDS)
-    except ValueError:
+        query = StatusQuery.model_validate(request.args.to_dict())
+    except ValidationError:
         return error_response(400, "invalid_wait", "wait must be a number of seconds")
-    doc = prediction_client().status(job_id, wait=max(0.0, wait))
+    doc = prediction_client().status(job_id, wait=max(0.0, min(query.wait, MAX_WAIT_SECONDS)))
     if doc is None:
-        ttl = settings().result_ttl_seconds
-        return error_response(
-            404,
-            "not_found",
-            f"no prediction with id {job_id!r}: it was never issued, or it finished more than "
-            f"{ttl} s ago and has expired",
-        )
+        return not_found(job_id)
     return jsonify(doc)
+
+
+@bp.get("/predictions/<job_id>/image.png")
+@declare(IMAGE)
+def get_image(job_id: str) -> tuple[Response, int] | Response:
+    """The image the prediction was made on: the stored grayscale PNG, pixels only."""
+    data = prediction_client().image_png(job_id)
+    if data is None:
+        return not_found(job_id, "image")
+    return _cached(Response(data, mimetype="image/png"))
+
+
+@bp.get("/predictions/<job_id>/heatmap.png")
+@declare(OVERLAY)
+def get_heatmap_png(job_id: str) -> tuple[Response, int] | Response:
+    """The Grad-CAM map over the image, with its legend; ``?opacity=`` 0..1 (default 0.45)."""
+    try:
+        opacity = OverlayQuery.model_validate(request.args.to_dict()).opacity
+    except ValidationError:
+        return error_response(400, "invalid_opacity", "opacity must be a number from 0 to 1")
+    data = prediction_client().heatmap_png(job_id, opacity)
+    if data is None:
+        return not_found(job_id, "heatmap")
+    return _cached(Response(data, mimetype="image/png"))
+
+
+@bp.get("/predictions/<job_id>/heatmap.json")
+@declare(MAP)
+def get_heatmap_json(job_id: str) -> tuple[Response, int] | Response:
+    """The normalised Grad-CAM map as data: method, layer, class, shape and rows of values."""
+    doc = prediction_client().heatmap_map(job_id)
+    if doc is None:
+        return not_found(job_id, "heatmap")
+    return _cached(jsonify({"id": job_id, **doc}))
 
 
 def register_error_handlers(app: Flask) -> None:

@@ -6,27 +6,47 @@ import redis
 from flask import Blueprint, Response, jsonify
 
 from web import prediction_client
+from web.first_run import first_run_status
+from web.openapi import Operation, Reply, declare
+from web.schemas import Health, Readiness
 
 bp = Blueprint("health", __name__)
 
 
 @bp.get("/healthz")
+@declare(
+    Operation(responses={200: Reply("The process answers.", Health)}, tag="health", redis=False)
+)
 def healthz() -> Response:
     """The process is alive (no dependency is checked): compose's web healthcheck."""
     return jsonify({"status": "ok"})
 
 
 @bp.get("/readyz")
+@declare(
+    Operation(
+        responses={
+            200: Reply("Ready: a live worker serves a model.", Readiness),
+            503: Reply(
+                "Not ready: Redis is unreachable, or no live worker serves a model.", Readiness
+            ),
+        },
+        tag="health",
+    )
+)
 def readyz() -> tuple[Response, int]:
     """200 when an upload now would be classified, else 503; the body says why either way.
 
     Ready means Redis answers and at least one live worker process serves a model version. The
-    body lists every live worker with its state, version and last load error.
+    body lists every live worker with its state, version and last load error, and what the
+    trainer decided about the first run (``first_run``: state, reason, job id and its status and
+    progress; ``null`` before any trainer started); it does not change readiness.
     """
     client = prediction_client()
     try:
         client.redis.ping()
         workers = client.workers()
+        first_run = first_run_status()
     except redis.RedisError as exc:
         return jsonify(
             {
@@ -53,6 +73,7 @@ def readyz() -> tuple[Response, int]:
             }
             for w in workers
         ],
+        "first_run": first_run,
     }
     if not serving:
         # Uploads would wait in the queue (no worker) or be refused with 503 (no model).

@@ -22,6 +22,9 @@ LIMITED_ENDPOINTS = {
     "api.create_prediction": "rate_limit_uploads",
     "pages.upload": "rate_limit_uploads",
     "api.get_prediction": "rate_limit_status",
+    "api.get_image": "rate_limit_status",
+    "api.get_heatmap_png": "rate_limit_status",
+    "api.get_heatmap_json": "rate_limit_status",
 }
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from ml.imaging import to_model_input
 
 if TYPE_CHECKING:
+    from ml.explain import Heatmap
     from ml.model import Classifier
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,10 @@ class BatchResult:
     probabilities: np.ndarray
     batch_size: int
     waited_s: float  # from hand-over to the start of the model call
-    model_s: float  # the whole batch's model call
+    model_s: float  # the whole batch's model call (its Grad-CAM pass included)
+    heatmap: Heatmap | None = None  # asked for and computed (Grad-CAM, ml.explain)
+    explanation_error: str | None = None  # asked for, but none: why
+    explain_s: float | None = None  # the batch's Grad-CAM gradient pass
     ood_score: float | None = None  # the version's OOD gate score (ml.ood); None: no gate
 
 
@@ -50,6 +54,7 @@ class _Pending:
     image: np.ndarray
     arrived: float
     future: Future[BatchResult]
+    explain: bool = False
 
 
 _WAKE = None  # queued by withdraw() to end a wait early
@@ -98,13 +103,19 @@ class Batcher:
             self._announced -= 1
 
     def predict(
-        self, image: np.ndarray, timeout: float | None = None, *, announced: bool = False
+        self,
+        image: np.ndarray,
+        timeout: float | None = None,
+        *,
+        announced: bool = False,
+        explain: bool = False,
     ) -> BatchResult:
         """Classify one 2-D uint8 grayscale image; blocks until its batch has run.
 
         ``announced``: this prediction was announced with :meth:`announce` (and now arrives).
+        ``explain``: compute its Grad-CAM map too (in the same batch; images may mix).
         """
-        pending = _Pending(image, time.perf_counter(), Future())
+        pending = _Pending(image, time.perf_counter(), Future(), explain)
         if announced:
             self._arrived()
         self._queue.put(pending)
@@ -152,8 +163,7 @@ class Batcher:
         try:
             x = np.stack([to_model_input(p.image, classifier.input_size) for p in batch])
             started = time.perf_counter()
-            # One call: probabilities and, when the version has a gate, its scores (ml.ood).
-            probs, scores = classifier.predict_scored(x)
+            out = _classify(classifier, x, [p.explain for p in batch])
             model_s = time.perf_counter() - started
         except Exception as exc:
             if len(batch) == 1:
@@ -167,8 +177,46 @@ class Batcher:
             return
         if self.on_batch is not None:
             self.on_batch(len(batch), model_s, classifier.version)
-        for i, (row, p) in enumerate(zip(probs, batch, strict=True)):
-            score = None if scores is None else float(scores[i])
+        for i, (row, heatmap, p) in enumerate(
+            zip(out.probabilities, out.heatmaps, batch, strict=True)
+        ):
+            score = None if out.ood_scores is None else float(out.ood_scores[i])
             p.future.set_result(
-                BatchResult(classifier, row, len(batch), started - p.arrived, model_s, score)
+                BatchResult(
+                    classifier,
+                    row,
+                    len(batch),
+                    started - p.arrived,
+                    model_s,
+                    heatmap=heatmap,
+                    explanation_error=out.error if p.explain else None,
+                    explain_s=out.seconds if p.explain else None,
+                    ood_score=score,
+                )
             )
+
+
+@dataclass(frozen=True)
+class _Classified:
+    probabilities: np.ndarray
+    heatmaps: list[Heatmap | None]
+    error: str | None
+    seconds: float | None
+    ood_scores: np.ndarray | None  # the version's OOD gate scores (ml.ood); None: no gate
+
+
+def _classify(classifier: Classifier, x: np.ndarray, wanted: list[bool]) -> _Classified:
+    """One batch through the model; with Grad-CAM maps for the images that want one.
+
+    Either way it is one forward pass giving the probabilities and, when the version has a
+    gate, its scores: ``predict_scored`` or, with maps, ``ml.explain.predict_and_explain``.
+    """
+    if not any(wanted):
+        probs, scores = classifier.predict_scored(x)
+        return _Classified(probs, [None] * len(x), None, None, scores)
+    # Imported here: ml.explain imports TensorFlow (already loaded with any real classifier),
+    # and this module stays importable without it.
+    from ml.explain import predict_and_explain
+
+    out = predict_and_explain(classifier, x, wanted)
+    return _Classified(out.probabilities, out.heatmaps, out.error, out.seconds, out.ood_scores)

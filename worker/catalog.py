@@ -7,12 +7,14 @@ readers (JSON and files only), so the web process reaches the registry through h
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ml.model_card import build_card
 from ml.ood import read_gate_off, set_gate_off
 from ml.versions import (
+    ModelMetadata,
     VersionNotFoundError,
     curves_path,
     has_version,
@@ -22,11 +24,24 @@ from ml.versions import (
     version_dir,
 )
 
-__all__ = ["ModelCatalog", "VersionNotFoundError"]
+__all__ = ["ModelCatalog", "ModelDetail", "VersionNotFoundError"]
 
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+
+@dataclass(frozen=True)
+class ModelDetail(ModelMetadata):
+    """One version as the admin API shows it: its metadata, evaluation, curves, whether active.
+
+    The answer's schema (``web.openapi``): :meth:`ModelCatalog.detail` adds these keys to
+    ``ModelMetadata.to_dict()``, so a new metadata field is in the schema at once.
+    """
+
+    evaluation: dict[str, Any] | None = None
+    has_curves: bool = False
+    active: bool = False
 
 
 class ModelCatalog:
@@ -42,6 +57,13 @@ class ModelCatalog:
     def has(self, version: int) -> bool:
         """Whether ``version`` exists."""
         return has_version(self.model_dir, version)
+
+    def untrained(self, version: int) -> bool:
+        """Whether ``version`` exists and was never trained (its answers are marked so)."""
+        try:
+            return not read_metadata(self.model_dir, version).trained
+        except (VersionNotFoundError, OSError, ValueError, TypeError):
+            return False
 
     def curves(self, version: int) -> Path | None:
         """The training curves PNG of ``version``, if it exists and has one."""
@@ -66,6 +88,7 @@ class ModelCatalog:
             "training_seconds": meta.training_seconds,
             "job_id": meta.job_id,
             "decision_threshold": meta.decision_threshold,
+            "trained": meta.trained,
             "active": version == active,
             "has_curves": curves_path(self.model_dir, version) is not None,
             "gate": self.gate(version, meta.ood),

@@ -26,11 +26,13 @@ from ml.imaging import (
     decode_upload,
     encode_png,
 )
+from ml.overlay import DEFAULT_OPACITY, render_from_stored
 from worker.app import TASK_PREDICT
 from worker.records import FINAL_STATES, PredictionStatus
 from worker.settings import Settings
 
 __all__ = [
+    "DEFAULT_OPACITY",
     "CorruptImageError",
     "EmptyImageError",
     "ImageError",
@@ -48,7 +50,10 @@ __all__ = [
 NO_MODEL_MESSAGE = (
     "No model version is active yet. Create one: with Docker Compose, "
     "`docker compose run --rm worker cxr init-model --base imagenet`; on a local install, "
-    "`cxr init-model` (README, 'A first model'). Or promote an existing one (`cxr promote N`). "
+    "`cxr init-model` (README, 'A first model'); such a version is untrained, its answers are "
+    "not a diagnosis. Or put a dataset in ./data (train/ and test/, a folder per class) and "
+    "restart the trainer (`docker compose restart trainer`): it then fine-tunes a first model "
+    "by itself. Or import a trained one (`cxr import`) or promote one (`cxr promote N`). "
     "Running workers pick it up within seconds, no restart needed."
 )
 
@@ -83,8 +88,12 @@ class Keys:
         return f"{self.prefix}:done:{job_id}"
 
     def upload(self, job_id: str) -> str:
-        """The uploaded image bytes of one job, deleted once the job is finished."""
+        """The stored image of one job (a metadata-free PNG): kept as long as its result."""
         return f"{self.prefix}:upload:{job_id}"
+
+    def heatmap(self, job_id: str) -> str:
+        """The Grad-CAM map of one job's result (JSON: shape, values in [0, 1], class, layer)."""
+        return f"{self.prefix}:heatmap:{job_id}"
 
     def worker(self, name: str) -> str:
         """Heartbeat of one worker process (JSON, expires when the process stops reporting)."""
@@ -121,6 +130,14 @@ class Keys:
     def training_index(self) -> str:
         """Sorted set of fine-tuning job ids by creation time."""
         return f"{self.prefix}:train:jobs"
+
+    def first_run(self) -> str:
+        """Hash: what the first run (worker.first_run) decided: state, job id, reason."""
+        return f"{self.prefix}:first-run"
+
+    def first_run_lock(self) -> str:
+        """Taken with SET NX by the trainer deciding the first run, so only one starts it."""
+        return f"{self.prefix}:first-run:lock"
 
 
 @dataclass(frozen=True)
@@ -184,14 +201,21 @@ class PredictionClient:
         self.celery = celery
         self.keys = Keys(settings.key_prefix)
 
-    def submit(self, data: bytes, filename: str | None = None, ood_ignore: bool = False) -> str:
+    def submit(
+        self,
+        data: bytes,
+        filename: str | None = None,
+        explain: bool = True,
+        ood_ignore: bool = False,
+    ) -> str:
         """Validate an upload, store its normalised image and queue its prediction; return the id.
 
         What is stored is not the file but its decoded grayscale pixels, scaled down to at most
         ``ml.imaging.INTAKE_MAX_SIDE`` and written as a PNG without metadata: Redis memory per
         queued upload and the worker's decode do not grow with the file, and no metadata of the
         original travels on. For a DICOM that means no tag of the file (patient, study, dates)
-        is stored anywhere: only its pixels, its size and the upload's file name.
+        is stored anywhere: only its pixels, its size and the upload's file name. ``explain``
+        travels in the job hash: ``False`` asks the worker for no Grad-CAM map.
 
         ``ood_ignore``: the request asked for the raw answer (``?ood=ignore``): the gate's
         verdict is not applied and the result says so (``ood_ignored``).
@@ -229,6 +253,7 @@ class PredictionClient:
                 "width": image.width,
                 "height": image.height,
                 **({"ood": "ignore"} if ood_ignore else {}),
+                "explain": "1" if explain else "0",
             },
         )
         pipe.expire(self.keys.job(job_id), ttl)
@@ -267,6 +292,35 @@ class PredictionClient:
         if not raw:
             return None
         return PredictionStatus.from_hash(job_id, {as_text(k): as_text(v) for k, v in raw.items()})
+
+    def image_png(self, job_id: str) -> bytes | None:
+        """The stored image of a job (pixels only, PNG), or ``None`` when unknown or expired."""
+        if not is_job_id(job_id):
+            return None
+        data = self.redis.get(self.keys.upload(job_id))
+        return data if isinstance(data, bytes) else None
+
+    def heatmap_map(self, job_id: str) -> dict[str, Any] | None:
+        """The Grad-CAM map document of a job, or ``None`` when it has none (off, expired)."""
+        if not is_job_id(job_id):
+            return None
+        raw = self.redis.get(self.keys.heatmap(job_id))
+        if raw is None:
+            return None
+        doc: dict[str, Any] = json.loads(raw)
+        return doc
+
+    def heatmap_png(self, job_id: str, opacity: float = DEFAULT_OPACITY) -> bytes | None:
+        """The overlay of a job's map on its image (PNG), or ``None`` when either is missing."""
+        if not is_job_id(job_id):
+            return None
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.keys.upload(job_id))
+        pipe.get(self.keys.heatmap(job_id))
+        image, heatmap = pipe.execute()
+        if not isinstance(image, bytes) or heatmap is None:
+            return None
+        return render_from_stored(image, heatmap, opacity)
 
     def workers(self) -> list[WorkerInfo]:
         """Return the heartbeats of every live worker process."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import PurePosixPath
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import redis
 from celery import Celery
@@ -20,7 +20,8 @@ from worker.app import TASK_TRAIN
 from worker.client import Keys, as_text, is_job_id, new_job_id
 from worker.settings import Settings
 
-JOB_STATES = ("queued", "running", "done", "failed", "cancelled")
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+JOB_STATES: tuple[JobState, ...] = ("queued", "running", "done", "failed", "cancelled")
 FINAL_JOB_STATES = frozenset({"done", "failed", "cancelled"})
 BASES = ("imagenet", "none", "active")
 JOB_HISTORY = 1000

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -9,6 +11,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 import redis
@@ -21,7 +24,14 @@ from worker import metrics
 from worker.batcher import Batcher, BatchResult, NoModelAvailable
 from worker.client import NO_MODEL_MESSAGE, Keys, WorkerInfo, as_text
 from worker.holder import ModelHolder
-from worker.records import FINAL_STATES, PredictionResult, Timings
+from worker.records import (
+    FINAL_STATES,
+    Explanation,
+    GateState,
+    OutOfDistribution,
+    PredictionResult,
+    Timings,
+)
 from worker.registry import ActiveVersion
 from worker.settings import Settings, get_settings
 
@@ -29,8 +39,36 @@ log = logging.getLogger(__name__)
 
 # How long a task waits for the first model load of a freshly started process.
 FIRST_LOAD_WAIT_SECONDS = 120.0
+# The explanation_reason of a result the out-of-distribution gate refused.
+OOD_NOT_EXPLAINED = "no explanation: the image was refused as out of distribution"
 # A prediction whose batch has not run by then fails instead of holding its task forever.
 PREDICT_TIMEOUT_SECONDS = 300.0
+# How long a prediction's own Redis writes wait out an outage. A task that raises on a lost
+# connection is acknowledged as failed once the connection is back and never runs again (the
+# soak, bench/soak.py, lost every prediction in flight across a Redis restart that way), so its
+# reads and its result wait for Redis instead, well past a `docker compose restart redis`.
+REDIS_OUTAGE_WAIT_SECONDS = 120.0
+
+T = TypeVar("T")
+
+
+def through_outage(call: Callable[[], T], wait: float = REDIS_OUTAGE_WAIT_SECONDS) -> T:
+    """Run ``call``; while Redis is unreachable, retry it (0.25 s, doubling to 2 s) for ``wait`` s.
+
+    For idempotent Redis work only (reads, ``HSET``, a transaction that sets fields and TTLs).
+    After ``wait`` seconds the last connection error is raised.
+    """
+    deadline = time.monotonic() + wait
+    delay = 0.25
+    while True:
+        try:
+            return call()
+        except (redis.ConnectionError, redis.TimeoutError):
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("Redis unreachable: retrying in %.2f s", delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 class WorkerRuntime:
@@ -143,10 +181,12 @@ class WorkerRuntime:
         self.batcher.announce()
         handed = False
 
-        def classify(gray: np.ndarray) -> BatchResult:
+        def classify(gray: np.ndarray, explain: bool = False) -> BatchResult:
             nonlocal handed
             handed = True
-            return self.batcher.predict(gray, timeout=PREDICT_TIMEOUT_SECONDS, announced=True)
+            return self.batcher.predict(
+                gray, timeout=PREDICT_TIMEOUT_SECONDS, announced=True, explain=explain
+            )
 
         try:
             self._process(job_id, classify)
@@ -154,12 +194,16 @@ class WorkerRuntime:
             if not handed:
                 self.batcher.withdraw()
 
-    def _process(self, job_id: str, classify: Callable[[np.ndarray], BatchResult]) -> None:
+    def _process(self, job_id: str, classify: Callable[[np.ndarray, bool], BatchResult]) -> None:
         job_key, upload_key = self.keys.job(job_id), self.keys.upload(job_id)
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(job_key, ["status", "created_at", "ood"])
-        pipe.get(upload_key)
-        (status, created_at, ood_mode), data = pipe.execute()
+
+        def read() -> list[Any]:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.hmget(job_key, ["status", "created_at", "explain", "ood"])
+            pipe.get(upload_key)
+            return pipe.execute()
+
+        (status, created_at, explain_flag, ood_mode), data = through_outage(read)
         if status is None:
             log.warning("job %s expired before it was processed", job_id)
             self.redis.delete(upload_key)
@@ -169,7 +213,9 @@ class WorkerRuntime:
         started = time.time()
         if created_at is not None:
             metrics.QUEUE_WAIT.observe(max(0.0, started - float(created_at)))
-        self.redis.hset(job_key, mapping={"status": "running", "started_at": started})
+        through_outage(
+            lambda: self.redis.hset(job_key, mapping={"status": "running", "started_at": started})
+        )
         if not isinstance(data, bytes):
             self._finish(job_id, error="The upload expired before a worker could process it.")
             return
@@ -180,7 +226,8 @@ class WorkerRuntime:
             t0 = time.perf_counter()
             gray = decode_image(data, max_pixels=self.settings.max_image_pixels)
             t1 = time.perf_counter()
-            batch = classify(gray)
+            explain, not_explained = self._explain_wanted(explain_flag)
+            batch = classify(gray, explain)
         except ImageError as exc:
             self._finish(job_id, error=f"Image rejected by the worker: {exc}")
             return
@@ -210,12 +257,51 @@ class WorkerRuntime:
             out_of_distribution=refusal,
             gate=gate,
             ood_ignored=gate == "ignored",
+            model_trained=classifier.trained,
         )
         if refusal:
             metrics.OOD_REFUSED.labels(model_version=str(classifier.version)).inc()
-        self._finish(job_id, result=result)
+        heatmap_json = None
+        if refusal is not None:
+            # No label, so nothing to explain: a map of an image the gate does not recognise
+            # would dress up a class the service did not report.
+            result = dataclasses.replace(result, explanation_reason=OOD_NOT_EXPLAINED)
+        elif batch.heatmap is not None:
+            result, heatmap_json = self._with_explanation(job_id, result, batch)
+        else:
+            reason = batch.explanation_error if explain else not_explained
+            result = dataclasses.replace(result, explanation_reason=reason)
+        self._finish(job_id, result=result, heatmap_json=heatmap_json)
 
-    def _gate(self, batch: BatchResult, ignore: bool) -> tuple[str, dict[str, object] | None]:
+    def _explain_wanted(self, flag: bytes | None) -> tuple[bool, str | None]:
+        """Whether this job gets a Grad-CAM map, and if not, why (the job's flag, the setting)."""
+        if not self.settings.explain:
+            return False, "explanations are turned off for this deployment (CXR_EXPLAIN=0)"
+        if flag is not None and as_text(flag) == "0":
+            return False, "explanation not requested (explain=0)"
+        return True, None
+
+    def _with_explanation(
+        self, job_id: str, result: PredictionResult, batch: BatchResult
+    ) -> tuple[PredictionResult, str | None]:
+        """The result with its explanation, and the map's JSON for Redis (or the reason none)."""
+        from ml.explain import METHOD, map_to_json  # TensorFlow is loaded already here
+
+        heatmap = batch.heatmap
+        assert heatmap is not None
+        try:
+            stored = json.dumps(map_to_json(heatmap))
+        except Exception as exc:  # a map that cannot be stored must not fail the prediction
+            log.exception("storing the Grad-CAM map of %s failed", job_id)
+            return dataclasses.replace(result, explanation_reason=f"Grad-CAM failed: {exc}"), None
+        explanation = Explanation.for_job(job_id, METHOD, heatmap.layer, heatmap.class_name)
+        timings = dataclasses.replace(
+            result.timings_ms,
+            explain=round(batch.explain_s * 1000, 2) if batch.explain_s is not None else None,
+        )
+        return dataclasses.replace(result, explanation=explanation, timings_ms=timings), stored
+
+    def _gate(self, batch: BatchResult, ignore: bool) -> tuple[GateState, OutOfDistribution | None]:
         """Which gate applied (mahalanobis/none/off/ignored) and the refusal, if it refused."""
         gate = batch.classifier.gate
         if gate is None or batch.ood_score is None:
@@ -229,17 +315,22 @@ class WorkerRuntime:
         if ignore:
             return "ignored", None
         if batch.ood_score <= gate.threshold:
-            return gate.method, None
-        refusal = {
-            "score": round(batch.ood_score, 3),
-            "threshold": round(gate.threshold, 3),
-            "reason": REASON,
-            "method": gate.method,
-        }
-        return gate.method, refusal
+            return "mahalanobis", None
+        refusal = OutOfDistribution(
+            score=round(batch.ood_score, 3),
+            threshold=round(gate.threshold, 3),
+            reason=REASON,
+            method=gate.method,
+        )
+        return "mahalanobis", refusal
 
     def _finish(
-        self, job_id: str, *, result: PredictionResult | None = None, error: str | None = None
+        self,
+        job_id: str,
+        *,
+        result: PredictionResult | None = None,
+        error: str | None = None,
+        heatmap_json: str | None = None,
     ) -> None:
         status = "done" if error is None else "failed"
         version = str(result.model_version) if result else "none"
@@ -252,12 +343,31 @@ class WorkerRuntime:
             fields["result"] = result.to_json()
         if error is not None:
             fields["error"] = error
+        ttl = self.settings.result_ttl_seconds
+        through_outage(lambda: self._store(job_id, fields, ttl, result, heatmap_json))
+
+    def _store(
+        self,
+        job_id: str,
+        fields: dict[FieldT, EncodableT],
+        ttl: int,
+        result: PredictionResult | None,
+        heatmap_json: str | None,
+    ) -> None:
+        """One transaction: the job's final fields, TTLs, the kept image and map, the token."""
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(self.keys.job(job_id), mapping=fields)
-        pipe.expire(self.keys.job(job_id), self.settings.result_ttl_seconds)
-        pipe.delete(self.keys.upload(job_id))
+        pipe.expire(self.keys.job(job_id), ttl)
+        if result is not None:
+            # The image stays as long as its result: the result page shows it (image.png) and
+            # the overlay is drawn on it. It is the metadata-free PNG the web stored.
+            pipe.expire(self.keys.upload(job_id), ttl)
+        else:
+            pipe.delete(self.keys.upload(job_id))
+        if heatmap_json is not None:
+            pipe.set(self.keys.heatmap(job_id), heatmap_json, ex=ttl)
         pipe.rpush(self.keys.done(job_id), 1)
-        pipe.expire(self.keys.done(job_id), self.settings.result_ttl_seconds)
+        pipe.expire(self.keys.done(job_id), ttl)
         pipe.execute()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         description="Refuse images a version's out-of-distribution gate does not recognise as a "
         "frontal chest X-ray (label null); false: every image gets a label.",
     )
+    explain: bool = Field(
+        default=True,
+        description="Whether inference workers compute a Grad-CAM map of each prediction "
+        "(requests can still turn it off with explain=0; 0 turns it off for all).",
+    )
     worker_metrics_port: int = Field(
         default=9100,
         ge=0,
@@ -118,6 +123,22 @@ class Settings(BaseSettings):
         gt=0,
         description="A fine-tuning job is redelivered after this long unacknowledged; it is also "
         "the hard time limit of one run.",
+    )
+    first_run: bool = Field(
+        default=True,
+        description="On start, a trainer that finds no model version in CXR_MODEL_DIR and a "
+        "dataset (CXR_FIRST_RUN_DATASET) fine-tunes a first model by itself; it becomes active.",
+    )
+    first_run_dataset: str | None = Field(
+        default=None,
+        description="Dataset of the first run, a path inside CXR_DATA_DIR; unset: CXR_DATA_DIR "
+        "itself if it holds train/, else its first subfolder (by name) that does.",
+    )
+    first_run_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Training options of the first run as JSON (the admin API's job fields), "
+        "over its defaults: base imagenet when the VGG16 weights are cached (the Docker image), "
+        "else a from-scratch recipe at 128 px.",
     )
     promotion_policy: Literal["if_better", "always", "never"] = Field(
         default="if_better",

@@ -197,6 +197,7 @@ class TrainingRunner:
             decision_threshold=result.decision_threshold,
             ood_gate=result.ood_gate,
             ood=result.ood,
+            trained=True,
         )
         promotion = self._promote(
             job_id, request.promotion or "if_better", metadata.version, result.evaluation,

@@ -88,6 +88,7 @@ def test_models_table_and_json(
     assert lines[1].split()[-1] == "none"  # the tiny versions were published without a dataset
     assert [line.split()[0] for line in lines[1:3]] == ["2", "1"]
     assert "v1" in lines[1] and "0.950" in lines[1] and f"{TINY_SIZE}px" in lines[1]
+    assert "UNTRAINED" not in lines[1] and lines[2].split()[:2] == ["1", "UNTRAINED"]
     assert "no active version" in lines[-1]
 
     code, out, _ = cxr(capsys, url, "models", "--json")  # --json after the subcommand too
@@ -111,6 +112,10 @@ def test_model_detail(live: tuple[str, Settings], capsys: pytest.CaptureFixture[
     assert out.startswith("# Model card: cxr version 2")
     assert "## Out-of-distribution gate" in out and "gate: none" in out
     assert f"| roc_auc | {EVALUATION['roc_auc']:.4g} |" in out
+    assert "UNTRAINED" not in out
+    code, out, err = cxr(capsys, url, "model", "1")
+    assert code == 0, err
+    assert "UNTRAINED: never fine-tuned; its answers are not a diagnosis" in out
     code, out, err = cxr(capsys, url, "model", "9")
     assert code == 1
     assert out == ""
@@ -387,12 +392,17 @@ def test_import_activates_the_first_version_only(
     meta = read_metadata(model_dir, 1)
     assert meta.class_names == CLASSES
     assert meta.extra["note"] == "from a notebook"
+    assert meta.trained is True  # an imported model was trained elsewhere
 
     assert main([*base, "--classes", "NORMAL,PNEUMONIA"]) == 0
     out = capsys.readouterr().out
     assert "as version 2" in out
     assert "version 2 is a candidate; version 1 stays active" in out
     assert read_active_file(model_dir) == 1
+
+    assert main([*base, "--classes", "NORMAL,PNEUMONIA", "--untrained"]) == 0
+    assert f"as version 3 ({TINY_SIZE}px, UNTRAINED)" in capsys.readouterr().out
+    assert read_metadata(model_dir, 3).trained is False
 
 
 @pytest.mark.parametrize(

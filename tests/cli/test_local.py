@@ -70,6 +70,7 @@ def test_init_model_writes_version_1(cli_model_dir: Path) -> None:
     assert meta.input_size == TINY_SIZE
     assert meta.base_weights is None
     assert meta.extra["trained"] is False
+    assert meta.trained is False
 
 
 def test_init_model_prints_the_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -79,6 +80,7 @@ def test_init_model_prints_the_version(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "wrote version 1" in out
+    assert "UNTRAINED" in out
     assert str(model_dir / "1") in out
     meta = read_metadata(model_dir, 1)
     assert meta.class_names == THREE
@@ -135,6 +137,7 @@ def test_predict_prints_label_and_probabilities(
         for name in CLASSES:
             assert f"{name}=" in line
         assert "[model v1]" in line
+        assert line.endswith("UNTRAINED model: not a diagnosis")  # init-model's version
 
 
 def test_predict_json(
@@ -148,8 +151,10 @@ def test_predict_json(
     assert [d["image"] for d in docs] == [str(images["png"]), str(images["jpeg"])]
     for doc in docs:
         assert set(doc) == {
-            "image", "label", "probabilities", "model_version", "decision_threshold"
+            "image", "label", "probabilities", "model_version", "decision_threshold",
+            "model_trained",
         }  # fmt: skip
+        assert doc["model_trained"] is False
         assert doc["decision_threshold"] is None  # labels by argmax
         assert doc["model_version"] == 1
         assert list(doc["probabilities"]) == CLASSES
@@ -213,6 +218,7 @@ def test_versions_lists_versions(
         assert fields[3] == ",".join(CLASSES)
         assert fields[4] == "None"
         assert fields[5] == "gate: none"
+        assert fields[6] == "UNTRAINED"  # a bare save of a freshly built model
 
 
 def test_versions_of_empty_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -241,6 +247,7 @@ def test_calibrate_publishes_the_weights_again_with_a_threshold(
     assert "wrote version 2" in captured.out and "cxr promote 2" in captured.out
     meta = read_metadata(model_dir, 2)
     assert meta.parent_version == 1 and meta.extra == {"calibrated_from": 1}
+    assert meta.trained is False  # new labels on init-model's untrained weights
     assert isinstance(meta.decision_threshold, float)
     assert meta.hyperparameters["target_sensitivity"] == 0.9
     assert set(meta.metrics) == {"accuracy", "sensitivity", "specificity", "roc_auc"}

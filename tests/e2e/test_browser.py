@@ -96,7 +96,10 @@ def test_real_size_xrays_chosen_in_the_browser_are_classified(
     page.screenshot(path=str(tmp_path / f"{request.node.name}.png"), full_page=True)
 
 
-def test_a_file_that_is_not_an_image_is_refused_on_the_form(page: Page, web_url: str) -> None:
+def test_a_file_that_is_not_an_image_is_refused_on_the_form(browser: Browser, web_url: str) -> None:
+    """The form without JavaScript (with it, the file fails on its card: test_reading_view.py)."""
+    context = browser.new_context(java_script_enabled=False)
+    page = context.new_page()
     page.goto(f"{web_url}/")
     page.set_input_files(
         "input[type=file]",
@@ -107,6 +110,7 @@ def test_a_file_that_is_not_an_image_is_refused_on_the_form(page: Page, web_url:
     expect(alert).to_be_visible()
     expect(alert).to_contain_text("notes.png")
     expect(page.locator("section.card")).to_have_count(0)
+    context.close()
 
 
 def test_an_unknown_result_id_says_it_expired_or_never_existed(page: Page, web_url: str) -> None:

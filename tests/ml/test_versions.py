@@ -101,6 +101,7 @@ def test_metadata_json_content(two_versions: tuple[Path, ModelMetadata, ModelMet
         "decision_threshold",
         "extra",
         "ood",
+        "trained",
     }
     assert doc == second.to_dict()
     assert doc["version"] == 2
@@ -213,3 +214,29 @@ def test_failed_save_leaves_nothing_behind(
     assert not seen[0].parent.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1"]
     assert list_versions(tmp_path) == [1]
+
+
+def test_trained_is_stated_or_inferred(
+    two_versions: tuple[Path, ModelMetadata, ModelMetadata], model: keras.Model, tmp_path: Path
+) -> None:
+    """Bare saves of a built model are untrained; an evaluation, a time or a flag say otherwise."""
+    _, first, second = two_versions
+    assert first.trained is False and second.trained is False
+    evaluated = save_version(
+        model, tmp_path, class_names=CLASSES, base_weights=None, evaluation={"accuracy": 0.5}
+    )
+    assert evaluated.trained is True
+    flagged = save_version(model, tmp_path, class_names=CLASSES, base_weights=None, trained=True)
+    assert read_metadata(tmp_path, flagged.version).trained is True
+
+
+def test_metadata_without_trained_is_inferred() -> None:
+    """Metadata written before the field: init-model's flag, imports, evaluations."""
+    base: dict[str, Any] = {"version": 1, "class_names": CLASSES, "input_size": 32,
+                            "base_weights": None}  # fmt: skip
+    assert ModelMetadata.from_dict(base | {"extra": {"trained": False}}).trained is False
+    assert ModelMetadata.from_dict(base).trained is False  # nothing says it was trained
+    assert ModelMetadata.from_dict(base | {"extra": {"imported_from": "a.keras"}}).trained
+    assert ModelMetadata.from_dict(base | {"metrics": {"accuracy": 0.9}}).trained
+    assert ModelMetadata.from_dict(base | {"training_seconds": 12.0}).trained
+    assert ModelMetadata.from_dict(base | {"trained": True, "extra": {"trained": False}}).trained

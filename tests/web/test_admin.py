@@ -379,6 +379,7 @@ SUMMARY_FIELDS = {
     "decision_threshold",
     "active",
     "has_curves",
+    "trained",
 }
 
 
@@ -397,6 +398,7 @@ def test_models_list_newest_first(admin: FlaskClient) -> None:
     assert two["parent_version"] == 1
     assert two["metrics"]["roc_auc"] == EVALUATION["roc_auc"]
     assert one["metrics"] == {}
+    assert (two["trained"], one["trained"]) == (True, False)  # 1: a bare save, never trained
 
 
 def test_models_list_skips_a_broken_version(admin: FlaskClient, model_dir: Path) -> None:

@@ -38,7 +38,8 @@ def test_dicom_is_accepted_under_any_name_and_stored_as_pixels_only(
         assert image.mode == "L" and image.size == (240, 300)
         assert not image.info  # no text, EXIF, ICC or other metadata chunk
     job = {k.decode(): v.decode() for k, v in redis_client.hgetall(keys.job(job_id)).items()}
-    assert set(job) == {"status", "created_at", "filename", "bytes", "width", "height"}
+    # No tag of the DICOM: only what the upload itself says (and whether to explain it).
+    assert set(job) == {"status", "created_at", "filename", "bytes", "width", "height", "explain"}
     assert (job["width"], job["height"]) == ("240", "300")
     for value in IDENTIFYING.values():
         assert value.encode() not in stored

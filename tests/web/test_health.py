@@ -31,6 +31,7 @@ def test_readyz_without_workers(client: FlaskClient) -> None:
         "serving": False,
         "model_versions": [],
         "workers": [],
+        "first_run": None,  # no trainer has started yet
     }
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import uuid
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import redis
+from flask import Flask, render_template
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
@@ -52,7 +54,10 @@ def result_ids(location: str) -> list[str]:
 # --- the upload form --------------------------------------------------------------------------
 
 
-def test_index_has_the_upload_form(client: FlaskClient) -> None:
+def test_index_has_the_upload_form(
+    client: FlaskClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    heartbeat(redis_client, settings, "serving", 1)  # no notice while a model is served
     response = client.get("/")
     assert response.status_code == 200
     page = html(response)
@@ -237,3 +242,125 @@ def test_static_files_are_served(client: FlaskClient) -> None:
             assert response.get_data()
         finally:
             response.close()
+
+
+def test_the_upload_and_card_scripts_are_served(client: FlaskClient) -> None:
+    page = html(client.get("/"))
+    assert re.search(r'<script src="/static/card\.js"', page)
+    assert re.search(r'<script src="/static/upload\.js"', page)
+    assert 'id="dropzone"' in page and re.search(r'id="dropzone"[^>]*\bhidden\b', page)
+    for path in ("/static/card.js", "/static/upload.js"):
+        response = client.get(path)
+        try:
+            assert response.status_code == 200 and "javascript" in (response.mimetype or "")
+        finally:
+            response.close()
+
+
+# --- the results page without JavaScript ------------------------------------------------------
+
+
+RESULT = {
+    "label": "NORMAL", "probabilities": {"NORMAL": 0.875, "PNEUMONIA": 0.125},
+    "model_version": 2, "decision_threshold": 0.25, "batch_size": 1,
+    "timings_ms": {"queue": 1.0, "decode": 2.0, "batch_wait": 0.0, "model": 42.0,
+                   "worker_total": 45.0},
+}  # fmt: skip
+
+
+def store_job(redis_client: redis.Redis, settings: Settings, **fields: str) -> str:
+    """A job hash as web and worker leave it; returns its id."""
+    job_id = uuid.uuid4().hex
+    key = Keys(settings.key_prefix).job(job_id)
+    redis_client.hset(key, mapping={"created_at": "1000.0", "filename": "chest.jpeg", **fields})
+    redis_client.expire(key, 60)
+    return job_id
+
+
+def test_results_page_renders_a_finished_job(
+    client: FlaskClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    job_id = store_job(
+        redis_client, settings, status="done", finished_at="1000.5", result=json.dumps(RESULT)
+    )
+    page = html(client.get(f"/results?id={job_id}"))
+    assert '<p class="status done label-normal">NORMAL</p>' in page
+    assert page.count('class="bar-row"') == 2
+    assert 'style="width: 87.5%"' in page and "12.5 %" in page
+    assert "Model version 2 · screening threshold: a finding when 1 − p(NORMAL) ≥ 0.250" in page
+    assert "0.50 s from upload to result (model 42 ms)" in page
+    assert f'<a class="json-link" href="/api/v1/predictions/{job_id}">' in page
+    assert 'http-equiv="refresh"' not in page  # nothing left to wait for
+
+
+def test_results_page_reloads_itself_without_javascript_while_jobs_run(
+    client: FlaskClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    running = store_job(redis_client, settings, status="running")
+    failed = store_job(redis_client, settings, status="failed", error="run `cxr init-model`")
+    page = html(client.get(f"/results?id={running}&id={failed}"))
+    assert '<noscript><meta http-equiv="refresh" content="3"></noscript>' in page
+    assert '<p class="status running">Running…</p>' in page
+    assert "Failed: run <code>cxr init-model</code>" in page
+
+
+def test_results_page_says_an_unknown_id_expired(client: FlaskClient) -> None:
+    page = html(client.get(f"/results?id={uuid.uuid4().hex}"))
+    assert "expired or never existed" in page
+    assert 'http-equiv="refresh"' not in page
+
+
+def render_results(app: Flask, result: dict[str, object], image_route: bool) -> str:
+    """results.html for one done job with ``result`` (fields other branches add included)."""
+    from web import pages
+
+    job_id = "0" * 32
+    doc = {"id": job_id, "status": "done", "filename": "chest.dcm", "elapsed_ms": 80.0,
+           "result": result}  # fmt: skip
+    with app.test_request_context("/results"):
+        original = pages.has_route
+        pages.has_route = lambda path: image_route  # type: ignore[assignment]
+        try:
+            card = pages.card_view(job_id, doc)
+        finally:
+            pages.has_route = original
+        return render_template("results.html", cards=[card], pending=False)
+
+
+def test_results_page_shows_the_server_overlay_without_javascript(app: Flask) -> None:
+    job = "0" * 32
+    explanation = {"method": "grad-cam", "layer": "block5_conv3", "class_explained": "NORMAL",
+                   "heatmap_url": f"/api/v1/predictions/{job}/heatmap.png",
+                   "map_url": f"/api/v1/predictions/{job}/heatmap.json"}  # fmt: skip
+    page = render_results(app, {**RESULT, "explanation": explanation}, image_route=True)
+    assert f'src="/api/v1/predictions/{job}/heatmap.png"' in page
+    assert f'<a href="/api/v1/predictions/{job}/image.png">' in page
+    assert "Grad-CAM for NORMAL" in page
+
+    plain = render_results(app, {**RESULT, "explanation": None}, image_route=True)
+    assert f'src="/api/v1/predictions/{job}/image.png"' in plain
+    assert "heatmap" not in plain.split('id="results"')[1].split("<script")[0]
+
+    older = render_results(app, RESULT, image_route=False)  # no /image.png on this app
+    assert "<figure" not in older and older.count('class="bar-row"') == 2
+
+
+def test_results_page_says_a_refused_image_is_not_a_chest_xray(app: Flask) -> None:
+    ood = {"score": 0.93, "threshold": 0.5, "reason": "looks like a knee"}
+    page = render_results(
+        app, {**RESULT, "label": None, "out_of_distribution": ood}, image_route=False
+    )
+    assert (
+        '<p class="status refused">Not recognised as a frontal chest X-ray — no prediction</p>'
+        in page
+    )
+    assert '<p class="reason">looks like a knee</p>' in page
+    assert 'class="bar-row"' not in page
+
+
+def test_has_route_knows_the_apps_routes(app: Flask) -> None:
+    from web.pages import has_route
+
+    with app.test_request_context("/"):
+        assert has_route(f"/api/v1/predictions/{'0' * 32}")
+        assert not has_route(f"/api/v1/predictions/{'0' * 32}/no-such.png")

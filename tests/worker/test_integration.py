@@ -103,9 +103,13 @@ def test_burst_of_50_concurrent_uploads_all_complete(
     assert [d["status"] for d in docs] == ["done"] * 50
     for doc in docs:
         assert_well_formed(doc["result"])
-    # Finished jobs leave no upload behind.
+    # Finished jobs keep their image (and map) exactly as long as their result.
     keys = Keys(live_worker.settings.key_prefix)
-    assert not any(live_worker.redis.exists(keys.upload(i)) for i in ids)
+    ttl = live_worker.settings.result_ttl_seconds
+    for i in ids:
+        for key in (keys.upload(i), keys.heatmap(i)):
+            assert 0 < live_worker.redis.ttl(key) <= ttl
+            assert live_worker.redis.ttl(key) <= live_worker.redis.ttl(keys.job(i)) + 1
 
 
 def enqueue_raw(settings: Settings, data: bytes | None) -> str:

@@ -159,3 +159,38 @@ def test_connection_loss_cancels_late_acked_tasks_for_redelivery() -> None:
         assert conf.worker_cancel_long_running_tasks_on_connection_loss is True
         assert conf.task_acks_late is True
         assert conf.task_reject_on_worker_lost is True
+
+
+def test_a_predictions_redis_write_waits_out_an_outage(redis_server: RedisServer) -> None:
+    """worker.runtime.through_outage: a write begun while Redis is down lands once it is back."""
+    from threading import Thread
+
+    from worker.runtime import through_outage
+
+    client = redis.Redis.from_url(redis_server.url, socket_connect_timeout=0.2, socket_timeout=1)
+    redis_server.stop()
+    written: list[float] = []
+
+    def write() -> None:
+        through_outage(lambda: client.hset("job", mapping={"status": "done"}), wait=30)
+        written.append(time.monotonic())
+
+    writer = Thread(target=write)
+    writer.start()
+    time.sleep(2.0)
+    assert not written  # still waiting: Redis is down
+    back = redis_server.start()
+    writer.join(10)
+    assert written and written[0] - back < 3.0  # within one 2 s retry of Redis answering
+    assert client.hget("job", "status") == b"done"
+
+
+def test_an_outage_longer_than_the_wait_is_raised(redis_server: RedisServer) -> None:
+    from worker.runtime import through_outage
+
+    client = redis.Redis.from_url(redis_server.url, socket_connect_timeout=0.2, socket_timeout=1)
+    redis_server.stop()
+    started = time.monotonic()
+    with pytest.raises(redis.ConnectionError):
+        through_outage(client.ping, wait=1.0)
+    assert time.monotonic() - started < 3.0

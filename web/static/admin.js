@@ -203,6 +203,12 @@ async function refreshModels() {
     const tr = el("tr", v.active ? "active-row" : "");
     const name = el("td", "num", `v${v.version}`);
     if (v.active) name.append(" ", el("span", "badge active", "active"));
+    // Never fine-tuned (init-model): its answers are not a diagnosis.
+    if (v.trained === false) {
+      const badge = el("span", "badge untrained", "UNTRAINED");
+      badge.title = "never fine-tuned: its answers are not a diagnosis";
+      name.append(" ", badge);
+    }
     const m = v.metrics || {};
     tr.append(
       name,
