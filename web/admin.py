@@ -23,7 +23,6 @@ from flask import (
 )
 from pydantic import ValidationError
 
-from ml.model_card import card_html, card_markdown
 from web import extension, settings
 from web.api import error_response
 from web.openapi import Operation, declare
@@ -32,6 +31,9 @@ from web.schemas import (
     MAX_LIMIT,
     MAX_REASON_CHARS,
     AuditList,
+    CardQuery,
+    GateChange,
+    GateChanged,
     JobList,
     ListQuery,
     ModelDetail,
@@ -41,7 +43,7 @@ from web.schemas import (
     TrainingAccepted,
     TrainingJob,
 )
-from worker.catalog import ModelCatalog, VersionNotFoundError
+from worker.catalog import ModelCatalog, VersionNotFoundError, render_card
 from worker.jobs import FINAL_JOB_STATES, TrainingJobs, TrainingRequest, form_fields
 from worker.registry import ActiveVersion, PointerError
 
@@ -262,6 +264,29 @@ GET_CURVES = Operation(
         404: "No such version, or it has no curves (`not_found`).",
     },
 )
+GET_CARD = Operation(
+    query=CardQuery,
+    parameters=VERSION,
+    responses={
+        200: Answer(
+            "The model card (Mitchell et al. 2019): JSON, or Markdown / HTML with `format`.",
+            {"type": "object"},
+            also=("text/markdown", "text/html"),
+        ),
+        400: INVALID,
+        404: "No such version, or unreadable (`not_found`).",
+    },
+)
+SET_GATE = Operation(
+    body=GateChange,
+    body_required=True,
+    parameters=VERSION,
+    responses={
+        200: Answer("The version's gate now.", GateChanged),
+        400: INVALID,
+        404: "No such version (`not_found`).",
+    },
+)
 ROLLBACK = Operation(
     body=PointerChange,
     responses={
@@ -398,38 +423,45 @@ def get_curves(version: int) -> Reply:
 
 
 @bp.get("/models/<int:version>/card")
+@declare(GET_CARD)
 def get_model_card(version: int) -> Reply:
     """The model card of one version: JSON, or ``?format=markdown`` / ``?format=html``."""
+    try:
+        fmt = CardQuery.model_validate(request.args.to_dict()).format
+    except ValidationError:
+        raw = request.args.get("format", "")
+        raise InvalidRequest(f"format must be json, markdown or html, got {raw[:40]!r}") from None
     try:
         card = catalog().card(version, registry().audit(MAX_LIMIT))
     except VersionNotFoundError:
         return not_found(f"no model version {version}")
     except (OSError, ValueError, TypeError) as exc:
         return not_found(f"model version {version} cannot be read: {exc}")
-    fmt = request.args.get("format", "json")
     if fmt == "markdown":
-        return Response(card_markdown(card), mimetype="text/markdown")
+        return Response(render_card(card, "markdown"), mimetype="text/markdown")
     if fmt == "html":
-        return Response(card_html(card), mimetype="text/html")
-    if fmt != "json":
-        raise InvalidRequest(f"format must be json, markdown or html, got {fmt[:40]!r}")
+        return Response(render_card(card, "html"), mimetype="text/html")
     return jsonify(card)
 
 
 @bp.put("/models/<int:version>/gate")
+@declare(SET_GATE)
 def set_model_gate(version: int) -> Reply:
     """Turn a version's out-of-distribution gate on or off: ``{"enabled": bool, "reason"?}``."""
     body = json_body()
-    unknown = sorted(set(body) - {"enabled", "reason"})
+    unknown = sorted(set(body) - set(GateChange.model_fields))
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}")
-    enabled, why = body.get("enabled"), body.get("reason", "")
-    if not isinstance(enabled, bool):
+    if not isinstance(body.get("enabled"), bool):
         raise InvalidRequest("enabled must be true or false")
-    if not isinstance(why, str) or len(why) > MAX_REASON_CHARS:
-        raise InvalidRequest(f"reason must be a string of at most {MAX_REASON_CHARS} characters")
     try:
-        catalog().set_gate(version, enabled, actor(), why.strip())
+        change = GateChange.model_validate(body, strict=True)
+    except ValidationError:
+        raise InvalidRequest(
+            f"reason must be a string of at most {MAX_REASON_CHARS} characters"
+        ) from None
+    try:
+        catalog().set_gate(version, change.enabled, actor(), change.reason.strip())
     except VersionNotFoundError:
         return not_found(f"no model version {version}")
     doc = catalog().detail(version)

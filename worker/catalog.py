@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from ml.model_card import build_card
+from typing_extensions import TypedDict  # pydantic needs this one on Python 3.11
+
+from ml.model_card import build_card, card_html, card_markdown
 from ml.ood import read_gate_off, set_gate_off
 from ml.versions import (
     ModelMetadata,
@@ -24,11 +26,27 @@ from ml.versions import (
     version_dir,
 )
 
-__all__ = ["ModelCatalog", "ModelDetail", "VersionNotFoundError"]
+__all__ = ["GateSummary", "ModelCatalog", "ModelDetail", "VersionNotFoundError", "render_card"]
 
 log = logging.getLogger(__name__)
 
 SUMMARY_METRICS = ("accuracy", "sensitivity", "specificity", "roc_auc")
+
+
+class GateSummary(TypedDict):
+    """A version's out-of-distribution gate as the admin API shows it (ml.ood)."""
+
+    method: str  # mahalanobis, or none (the version has no gate)
+    threshold: float | None
+    val_acceptance: float | None
+    test_acceptance: float | None
+    enabled: bool  # it has a gate and nobody turned it off
+    turned_off: dict[str, Any] | None  # who turned it off, when and why (gate-off.json)
+
+
+def render_card(card: dict[str, Any], fmt: Literal["markdown", "html"]) -> str:
+    """A model card (:meth:`ModelCatalog.card`) as Markdown or a self-contained HTML page."""
+    return card_markdown(card) if fmt == "markdown" else card_html(card)
 
 
 @dataclass(frozen=True)
@@ -42,6 +60,7 @@ class ModelDetail(ModelMetadata):
     evaluation: dict[str, Any] | None = None
     has_curves: bool = False
     active: bool = False
+    gate: GateSummary | None = None
 
 
 class ModelCatalog:
@@ -94,7 +113,7 @@ class ModelCatalog:
             "gate": self.gate(version, meta.ood),
         }
 
-    def gate(self, version: int, ood: dict[str, Any]) -> dict[str, Any]:
+    def gate(self, version: int, ood: dict[str, Any]) -> GateSummary:
         """The versions table's gate column: method, threshold, acceptance on val and test."""
         method = ood.get("method", "none") if ood else "none"
         off = read_gate_off(version_dir(self.model_dir, version))
