@@ -164,3 +164,23 @@ def test_evaluation_reports_acceptance_and_rejection_per_kind(
     for kind in ("gradient", "text", "document"):
         assert rates[kind] >= 0.9, (kind, rates)
     assert 0.15 <= report["ood_overall"]["rate"] <= 1.0, rates
+
+
+def test_the_grad_cam_path_gives_the_same_scores_in_its_one_forward_pass(
+    trained_version: tuple[Path, int],
+) -> None:
+    from ml.explain import predict_and_explain
+    from ml.versions import load_classifier
+
+    model_dir, version = trained_version
+    clf = load_classifier(model_dir, version)
+    assert clf.explainer is not None and clf.explainer.pooled_layer == clf.gate.layer  # type: ignore[union-attr]
+    x = np.random.default_rng(1).uniform(0, 255, (3, 64, 64, 1)).astype(np.float32)
+    probs, scores = clf.predict_scored(x)
+    out = predict_and_explain(clf, x, [True, False, True])
+    assert out.error is None and out.ood_scores is not None
+    np.testing.assert_allclose(out.probabilities, probs, atol=1e-5)
+    np.testing.assert_allclose(out.ood_scores, scores, rtol=1e-3, atol=1e-3)
+    assert out.heatmaps[0] is not None and out.heatmaps[1] is None
+    none_asked = predict_and_explain(clf, x, [False, False, False])
+    np.testing.assert_allclose(none_asked.ood_scores, scores, rtol=1e-6)  # type: ignore[arg-type]
