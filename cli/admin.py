@@ -112,6 +112,7 @@ def add_admin_commands(sub: Any) -> None:
     command("models", "list the service's model versions and which one is active")
     model = command("model", "show one model version with its evaluation")
     model.add_argument("version", type=int)
+    model.add_argument("--card", action="store_true", help="print the version's model card")
     for name, summary in (
         ("promote", "make a version the active one"),
         ("pin", "deliberately make a specific (older) version active"),
@@ -252,14 +253,23 @@ def version_row(v: dict[str, Any]) -> tuple[object, ...]:
         name, "*" if v["active"] else "", fmt_time(v.get("created_at")),
         base or "none", f"{v['input_size']}px", fmt_metric(m.get("accuracy")),
         fmt_metric(m.get("sensitivity")), fmt_metric(m.get("specificity")),
-        fmt_metric(m.get("roc_auc")),
+        fmt_metric(m.get("roc_auc")), gate_cell(v.get("gate") or {}),
     )  # fmt: skip
+
+
+def gate_cell(g: dict[str, Any]) -> str:
+    """The OOD gate column: method, threshold, acceptance on val / test; "none" without one."""
+    if g.get("method", "none") == "none":
+        return "none"
+    val, test = g.get("val_acceptance"), g.get("test_acceptance")
+    cell = f"{g['method']} t={g['threshold']:.1f} val={val:.1%} test={test:.1%}"
+    return cell + ("" if g.get("enabled", True) else " (off)")
 
 
 def cmd_models(args: argparse.Namespace, api: AdminApi) -> int:
     """List the service's model versions."""
     doc = api.call("GET", "/models")
-    header = ("VERSION", "ACTIVE", "CREATED", "BASE", "INPUT", "ACC", "SENS", "SPEC", "AUC")
+    header = ("VERSION", "ACTIVE", "CREATED", "BASE", "INPUT", "ACC", "SENS", "SPEC", "AUC", "GATE")
     table = print_listing(
         args.json_output, doc, "versions", "no model versions", header, version_row
     )
@@ -269,7 +279,16 @@ def cmd_models(args: argparse.Namespace, api: AdminApi) -> int:
 
 
 def cmd_model(args: argparse.Namespace, api: AdminApi) -> int:
-    """Show one model version."""
+    """Show one model version (``--card``: its model card, Markdown; with --json, the JSON)."""
+    if args.card:
+        from ml.model_card import card_markdown
+
+        card = api.call("GET", f"/models/{args.version}/card")
+        if args.json_output:
+            print_json(card)
+        else:
+            print(card_markdown(card), end="")
+        return 0
     doc = api.call("GET", f"/models/{args.version}")
     if args.json_output:
         print_json(doc)
@@ -283,6 +302,7 @@ def cmd_model(args: argparse.Namespace, api: AdminApi) -> int:
         print(f"parent:    version {doc['parent_version']}")
     print(f"input:     {doc['input_size']}px")
     print(f"classes:   {', '.join(doc['class_names'])}")
+    print(f"OOD gate:  {gate_cell(doc.get('gate') or {})}")
     if doc.get("job_id"):
         print(f"job:       {doc['job_id']}")
     if doc.get("training_seconds") is not None:

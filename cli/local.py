@@ -37,6 +37,7 @@ def add_local_commands(sub: Any) -> None:
         "--classes", default=DEFAULT_CLASSES, help=f"comma-separated (default {DEFAULT_CLASSES})"
     )
     init.add_argument("--seed", type=int, default=0, help="seed for the head's initial weights")
+    add_gate_arguments(init)
 
     imp = sub.add_parser(
         "import",
@@ -50,6 +51,7 @@ def add_local_commands(sub: Any) -> None:
         "--classes", required=True, help="comma-separated class names, in output order"
     )
     imp.add_argument("--note", help="free text kept in the version's metadata")
+    add_gate_arguments(imp)
     imp.add_argument(
         "--untrained",
         action="store_true",
@@ -73,6 +75,7 @@ def add_local_commands(sub: Any) -> None:
     calibrate.add_argument(
         "--target-sensitivity", type=float, default=0.95, help="on the val split (default 0.95)"
     )
+    add_gate_arguments(calibrate, required=True)
 
     predict = sub.add_parser("predict", help="classify local image files with a model version")
     predict.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or DICOM files")
@@ -102,6 +105,23 @@ def add_local_commands(sub: Any) -> None:
     evaluate.add_argument("--json", action="store_true", help="print the stored JSON document")
 
 
+def add_gate_arguments(parser: Any, required: bool = False) -> None:
+    """``--dataset`` (fits the out-of-distribution gate) and ``--ood-acceptance``."""
+    if not required:
+        parser.add_argument(
+            "--dataset",
+            type=Path,
+            help="a folder <root>/{train,val,test}/<CLASS>/ to fit the out-of-distribution gate "
+            "on (train split; threshold on val); without it the version has no gate",
+        )
+    parser.add_argument(
+        "--ood-acceptance",
+        type=float,
+        default=0.99,
+        help="share of val images the gate's threshold accepts (default 0.99)",
+    )
+
+
 IMAGENET_NOTOP_FILE = "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
@@ -129,12 +149,17 @@ def cmd_init_model(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from ml.ood import fit_gate_on_folder
+
+    gate, ood = fit_gate_on_folder(model, args.dataset, classes, args.ood_acceptance)
     metadata = save_version(
         model,
         args.model_dir,
         class_names=classes,
         base_weights=base,
         extra={"trained": False, "note": "untrained head, created by `cxr init-model`"},
+        ood_gate=gate,
+        ood=ood,
         trained=False,
     )
     print(
@@ -171,6 +196,7 @@ def activate_if_first(model_dir: Path, version: int) -> None:
 
 def cmd_import(args: argparse.Namespace) -> int:
     """Publish an existing Keras model file as the next version."""
+    from ml.dataset import DatasetError
     from ml.versions import IncompatibleModelError, import_model
 
     classes = parse_classes(args.classes)
@@ -186,9 +212,11 @@ def cmd_import(args: argparse.Namespace) -> int:
             args.model_dir,
             class_names=classes,
             note=args.note,
+            dataset_root=args.dataset,
+            ood_acceptance=args.ood_acceptance,
             trained=not args.untrained,
         )
-    except IncompatibleModelError as exc:
+    except (IncompatibleModelError, DatasetError) as exc:
         print(f"cannot import {args.file}: {exc}", file=sys.stderr)
         return 2
     path = args.model_dir / str(metadata.version)
@@ -210,8 +238,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     try:
         meta = calibrate_version(
-            args.model_dir, args.version, args.dataset, args.target_sensitivity
-        )
+            args.model_dir, args.version, args.dataset, args.target_sensitivity,
+            args.ood_acceptance,
+        )  # fmt: skip
     except (DatasetError, VersionNotFoundError, ValueError) as exc:
         print(f"cannot calibrate version {args.version}: {exc}", file=sys.stderr)
         return 2
@@ -275,7 +304,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
         m = read_metadata(args.model_dir, v)
         mark = "" if m.trained else "\tUNTRAINED"
         line = f"{v}\t{m.created_at}\t{m.input_size}px\t{','.join(m.class_names)}\t{m.base_weights}"
-        print(line + mark)
+        print(f"{line}\t{gate_column(m.ood)}{mark}")
     return 0
 
 
@@ -348,6 +377,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"version {args.version} on {root}: " + external_line(name, doc))
         print(f"stored in {args.model_dir / str(args.version) / 'external' / (name + '.json')}")
     return 1 if doc.get("error") else 0
+
+
+def gate_column(ood: dict[str, Any]) -> str:
+    """The versions table's gate column: method, threshold, acceptance on val and test."""
+    if not ood or ood.get("method", "none") == "none":
+        return "gate: none"
+    return (
+        f"gate: {ood['method']} t={ood['threshold']:.1f} "
+        f"val {ood['val_acceptance']:.1%} test {ood['test_acceptance']:.1%}"
+    )
 
 
 LOCAL_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {

@@ -15,6 +15,7 @@ from ml.config import TrainConfig
 from ml.dataset import Dataset, DatasetError, load_dataset
 from ml.decision import negative_index, threshold_for_sensitivity
 from ml.evaluation import evaluate_model
+from ml.ood import DEFAULT_ACCEPTANCE, fit_gate
 
 if TYPE_CHECKING:
     import keras
@@ -42,8 +43,12 @@ def calibrate_version(
     version: int,
     dataset_root: os.PathLike[str] | str,
     target_sensitivity: float,
+    ood_acceptance: float = DEFAULT_ACCEPTANCE,
 ) -> ModelMetadata:
     """Publish ``version``'s weights again with a decision threshold for ``target_sensitivity``.
+
+    The out-of-distribution gate is fitted again on the same dataset (ml.ood), its threshold
+    accepting ``ood_acceptance`` of the val split.
 
     The threshold is chosen on the dataset's val split (split off train the way the version's
     own training did, when its hyperparameters say how) and the test split is evaluated at it.
@@ -80,6 +85,7 @@ def calibrate_version(
         model, dataset.x_test, dataset.y_test, dataset.class_names, config.batch_size, threshold
     )
     curves = curves_path(model_dir, version)
+    gate, ood = fit_gate(model, dataset, ood_acceptance, config.batch_size)
     return save_version(
         model,
         model_dir,
@@ -93,6 +99,8 @@ def calibrate_version(
         curves_png=curves.read_bytes() if curves is not None else None,
         decision_threshold=threshold,
         extra={"calibrated_from": version},
+        ood_gate=gate,
+        ood=ood,
         # New labels on the same weights: trained exactly when its parent was.
         trained=meta.trained,
     )

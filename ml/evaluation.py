@@ -21,35 +21,19 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from ml.decision import NEGATIVE_CLASS, decide, negative_index
+from ml.intervals import bootstrap_auc_interval, roc_auc, wilson_interval
 
 if TYPE_CHECKING:
     import keras
 
-__all__ = ["evaluate_model", "evaluate_predictions", "plot_curves", "roc_auc"]
-
-
-def roc_auc(positive: npt.ArrayLike, scores: npt.ArrayLike) -> float | None:
-    """Area under the ROC curve of ``scores`` for the boolean labels ``positive``.
-
-    Computed with the Mann-Whitney U statistic on average ranks, so tied scores count one half,
-    exactly as the pairwise definition P(score_pos > score_neg) + 0.5 * P(equal). Returns
-    ``None`` when only one of the two labels is present (the AUC is undefined then).
-    """
-    pos = np.asarray(positive, dtype=bool).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    if pos.shape != s.shape:
-        raise ValueError(f"labels {pos.shape} and scores {s.shape} differ in shape")
-    n_pos = int(pos.sum())
-    n_neg = int(pos.size - n_pos)
-    if n_pos == 0 or n_neg == 0:
-        return None
-    # Average ranks (1-based): every member of a group of equal scores gets the group's mean rank.
-    _, inverse, counts = np.unique(s, return_inverse=True, return_counts=True)
-    first_rank = np.cumsum(counts) - counts + 1
-    group_rank = first_rank + (counts - 1) / 2.0
-    ranks = group_rank[inverse]
-    u = float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2.0
-    return u / (n_pos * n_neg)
+__all__ = [
+    "bootstrap_auc_interval",
+    "evaluate_model",
+    "evaluate_predictions",
+    "plot_curves",
+    "roc_auc",
+    "wilson_interval",
+]
 
 
 def _ratio(numerator: int, denominator: int) -> float | None:
@@ -126,6 +110,17 @@ def evaluate_predictions(
     called_disease = predicted != neg
     n = int(labels.size)
     auc = roc_auc(is_disease, 1.0 - p[:, neg])
+    hits = int(np.trace(confusion))
+    tp = int((is_disease & called_disease).sum())
+    tn = int((~is_disease & ~called_disease).sum())
+    auc_ci = bootstrap_auc_interval(is_disease, 1.0 - p[:, neg])
+    intervals = {
+        "method": "wilson (proportions), percentile bootstrap of 1000 resamples (roc_auc)",
+        "accuracy": wilson_interval(hits, n),
+        "sensitivity": wilson_interval(tp, int(is_disease.sum())),
+        "specificity": wilson_interval(tn, int((~is_disease).sum())),
+        "roc_auc": auc_ci,
+    }
     return {
         "n": n,
         "accuracy": float(np.trace(confusion)) / n,
@@ -137,6 +132,7 @@ def evaluate_predictions(
         "class_names": names,
         "negative_class": names[neg],
         "threshold": threshold,
+        "intervals_95": {k: list(v) if isinstance(v, tuple) else v for k, v in intervals.items()},
     }
 
 

@@ -9,8 +9,9 @@ layer's resolution (14 x 14 for VGG16 at 224 px).
 The model is split at that layer into ``features`` (input -> A) and ``head`` (A -> score,
 probabilities) that share the served model's layers, weights and precision policy. One batch
 then costs one forward pass (``forward``: probabilities and A, the same numbers the whole model
-gives) and one gradient pass of the head over the whole batch (``maps``: the class of each image
-gathered), never a second pass through the base: dy/dA depends only on the layers after A.
+gives; with an out-of-distribution gate also its pooled features, ``ml.ood``) and one gradient
+pass of the head over the whole batch (``maps``: the class of each image gathered), never a
+second pass through the base: dy/dA depends only on the layers after A.
 
 TensorFlow/Keras module (workers and tests only); rendering an overlay is ``ml.overlay``'s job.
 """
@@ -90,9 +91,12 @@ def last_conv_layer(model: keras.Model) -> keras.layers.Layer:
 
 
 def _split(
-    model: keras.Model, target: keras.layers.Layer
+    model: keras.Model, target: keras.layers.Layer, pooled: keras.layers.Layer | None = None
 ) -> tuple[keras.Model, keras.Model, keras.layers.Layer]:
-    """``features`` (input -> A) and ``head`` (A -> [output layer's input, output]).
+    """``features`` (input -> A) and ``head`` (A -> [output layer's input, output(, pooled)]).
+
+    With ``pooled`` (the OOD gate's feature layer, after A) the head has a third output: that
+    layer's output, so the gate's features come from the same forward pass.
 
     The graph is rebuilt with nested models inlined, every layer reused (so weights and dtype
     policies are the served model's), which puts A and the output in one graph; Keras 3 builds
@@ -110,6 +114,8 @@ def _split(
                 captured["features"] = out
             if layer is output_layer:
                 captured["pre_output"] = args[0]
+            if pooled is not None and layer is pooled:
+                captured["pooled"] = out
             return out
 
         # Function._run_through_graph is what clone_model itself calls; called directly it
@@ -121,19 +127,29 @@ def _split(
     output = inline(model, image)
     if "features" not in captured or "pre_output" not in captured:
         raise NoConvLayerError(f"could not locate {target.name!r} in the graph of {model.name!r}")
+    if pooled is not None and "pooled" not in captured:
+        raise NoConvLayerError(f"could not locate {pooled.name!r} in the graph of {model.name!r}")
     features = keras.Model(image, captured["features"], name="gradcam_features")
-    head = keras.Model(captured["features"], [captured["pre_output"], output], name="gradcam_head")
+    outputs = [captured["pre_output"], output]
+    if pooled is not None:
+        outputs.append(captured["pooled"])
+    head = keras.Model(captured["features"], outputs, name="gradcam_head")
     return features, head, output_layer
 
 
 class GradCam:
     """Grad-CAM of one model, compiled once (open batch dimension: no retrace per batch size)."""
 
-    def __init__(self, model: keras.Model, class_names: Sequence[str]):
+    def __init__(
+        self, model: keras.Model, class_names: Sequence[str], pooled_layer: str | None = None
+    ):
         self.class_names = list(class_names)
         target = last_conv_layer(model)
         self.layer = target.name
-        features, head, output_layer = _split(model, target)
+        # The OOD gate's feature layer (ml.ood): forward also returns its output.
+        self.pooled_layer = pooled_layer
+        pooled = model.get_layer(pooled_layer) if pooled_layer is not None else None
+        features, head, output_layer = _split(model, target, pooled)
         size = int(model.input_shape[1])
         feature_shape = tuple(int(d) for d in features.output_shape[1:])
         self.map_shape: tuple[int, int] = (feature_shape[0], feature_shape[1])
@@ -145,15 +161,17 @@ class GradCam:
             and getattr(output_layer.activation, "__name__", "") == "softmax"
         )
 
-        def forward(x: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        def forward(x: tf.Tensor) -> tuple[tf.Tensor, ...]:
             a = features(x, training=False)
-            _, probs = head(a, training=False)
-            return tf.cast(probs, tf.float32), a
+            out = head(a, training=False)
+            if pooled is None:
+                return tf.cast(out[1], tf.float32), a
+            return tf.cast(out[1], tf.float32), a, tf.cast(out[2], tf.float32)
 
         def maps(a: tf.Tensor, class_index: tf.Tensor) -> tf.Tensor:
             with tf.GradientTape() as tape:
                 tape.watch(a)
-                pre, probs = head(a, training=False)
+                pre, probs = head(a, training=False)[:2]
                 if logits_from_dense:
                     kernel = tf.convert_to_tensor(output_layer.kernel, tf.float32)
                     scores = tf.matmul(tf.cast(pre, tf.float32), kernel)
@@ -188,8 +206,16 @@ class GradCam:
 
     def forward(self, images: npt.NDArray[np.float32]) -> tuple[npt.NDArray[np.float64], Any]:
         """Probabilities ``(n, classes)`` and the conv activations of ``(n, S, S, 1)`` input."""
-        probs, features = self._forward(tf.convert_to_tensor(images, dtype=tf.float32))
-        return np.asarray(probs, dtype=np.float64), features
+        probs, features, _ = self.forward_pooled(images)
+        return probs, features
+
+    def forward_pooled(
+        self, images: npt.NDArray[np.float32]
+    ) -> tuple[npt.NDArray[np.float64], Any, npt.NDArray[np.float32] | None]:
+        """:meth:`forward` plus the pooled features (``None`` without ``pooled_layer``)."""
+        out = self._forward(tf.convert_to_tensor(images, dtype=tf.float32))
+        pooled = np.asarray(out[2], dtype=np.float32) if len(out) == 3 else None
+        return np.asarray(out[0], dtype=np.float64), out[1], pooled
 
     def maps(self, features: Any, class_index: Sequence[int]) -> npt.NDArray[np.float32]:
         """Maps ``(n, h, w)`` float32 in [0, 1] for activations from :meth:`forward`."""
@@ -225,10 +251,15 @@ def map_to_json(heatmap: Heatmap, decimals: int = 4) -> dict[str, Any]:
     }
 
 
-def build_explainer(model: keras.Model, class_names: Sequence[str]) -> tuple[GradCam | None, str]:
-    """A :class:`GradCam` of ``model``, or ``None`` and the reason it has none."""
+def build_explainer(
+    model: keras.Model, class_names: Sequence[str], pooled_layer: str | None = None
+) -> tuple[GradCam | None, str]:
+    """A :class:`GradCam` of ``model``, or ``None`` and the reason it has none.
+
+    ``pooled_layer``: the OOD gate's feature layer, which its forward pass then also returns.
+    """
     try:
-        return GradCam(model, class_names), ""
+        return GradCam(model, class_names, pooled_layer), ""
     except NoConvLayerError as exc:
         return None, str(exc)
     except Exception as exc:  # an architecture the split does not handle: serve without maps
@@ -238,12 +269,21 @@ def build_explainer(model: keras.Model, class_names: Sequence[str]) -> tuple[Gra
 
 @dataclass(frozen=True)
 class BatchExplanations:
-    """A batch's probabilities and, for the images that asked, their maps."""
+    """A batch's probabilities, OOD scores and, for the images that asked, their maps."""
 
     probabilities: npt.NDArray[np.float64]  # (n, classes)
     heatmaps: list[Heatmap | None]  # one per image; None: not asked, or see ``error``
     error: str | None  # why the images that asked have no map
     seconds: float | None  # the gradient pass; None when none ran
+    ood_scores: npt.NDArray[np.float64] | None = None  # the gate's (ml.ood); None: no gate
+
+
+def _scored(classifier: Classifier, images: npt.NDArray[np.float32]) -> tuple[Any, Any]:
+    """Probabilities and OOD scores from the classifier's own call (``predict_scored``)."""
+    scored = getattr(classifier, "predict_scored", None)
+    if scored is None:  # a stand-in without a gate
+        return classifier.predict_batch(images), None
+    return scored(images)
 
 
 def predict_and_explain(
@@ -251,24 +291,30 @@ def predict_and_explain(
 ) -> BatchExplanations:
     """Classify a batch and explain the reported class of each image in ``wanted``.
 
-    Without any image asking (or a model without Grad-CAM) this is ``predict_batch``. Otherwise
-    one :meth:`GradCam.forward` gives the probabilities (the same as the model's) and the conv
-    activations, the service's decision rule picks each image's class, and one
-    :meth:`GradCam.maps` pass explains the images that asked. A failing map never fails the
+    Without any image asking (or a model without Grad-CAM) this is ``predict_scored``. Otherwise
+    one :meth:`GradCam.forward_pooled` gives the probabilities (the same as the model's), the conv
+    activations and, when the classifier has an OOD gate, the pooled features it scores (the
+    explainer was built with the gate's layer: still one forward pass); the service's decision
+    rule picks each image's class, and one :meth:`GradCam.maps` pass explains the images that
+    asked. A failing map never fails the
     prediction: the probabilities stand and ``error`` says what went wrong.
     """
     n = len(images)
     explainer: GradCam | None = getattr(classifier, "explainer", None)
     if not any(wanted) or explainer is None:
         error = None if not any(wanted) else getattr(classifier, "explainer_error", "no Grad-CAM")
-        return BatchExplanations(classifier.predict_batch(images), [None] * n, error, None)
+        probs, scores = _scored(classifier, images)
+        return BatchExplanations(probs, [None] * n, error, None, scores)
+    gate = getattr(classifier, "gate", None)
     try:
-        probs, features = explainer.forward(images)
+        probs, features, pooled = explainer.forward_pooled(images)
+        if gate is not None and pooled is None:
+            raise RuntimeError("the explainer was built without the gate's feature layer")
+        scores = gate.score(pooled) if gate is not None else None
     except Exception as exc:
         log.exception("Grad-CAM forward pass failed; classifying without it")
-        return BatchExplanations(
-            classifier.predict_batch(images), [None] * n, f"Grad-CAM failed: {exc}", None
-        )
+        probs, scores = _scored(classifier, images)
+        return BatchExplanations(probs, [None] * n, f"Grad-CAM failed: {exc}", None, scores)
     try:
         started = time.perf_counter()
         index = decide(probs, negative_index(classifier.class_names), classifier.decision_threshold)
@@ -278,7 +324,7 @@ def predict_and_explain(
         heatmaps: list[Heatmap | None] = [None] * n
         for i, v in zip(chosen, values, strict=True):
             heatmaps[i] = explainer.heatmap(v, int(index[i]))
-        return BatchExplanations(probs, heatmaps, None, time.perf_counter() - started)
+        return BatchExplanations(probs, heatmaps, None, time.perf_counter() - started, scores)
     except Exception as exc:
         log.exception("Grad-CAM gradient pass failed; the predictions stand")
-        return BatchExplanations(probs, [None] * n, f"Grad-CAM failed: {exc}", None)
+        return BatchExplanations(probs, [None] * n, f"Grad-CAM failed: {exc}", None, scores)

@@ -13,6 +13,7 @@ import tensorflow as tf
 
 from ml.decision import decide, negative_index
 from ml.explain import build_explainer
+from ml.ood import MahalanobisGate, feature_model
 from ml.precision import model_precision
 
 # Caffe-style VGG16 normalisation (what keras.applications.vgg16.preprocess_input does): BGR order
@@ -100,6 +101,7 @@ class Classifier:
         class_names: Sequence[str],
         version: int | None = None,
         decision_threshold: float | None = None,
+        gate: MahalanobisGate | None = None,
         trained: bool = True,
     ):
         shape = model.input_shape
@@ -119,20 +121,35 @@ class Classifier:
         self.trained = trained
         self.precision = model_precision(model)
         self._negative = negative_index(self.class_names)
+        self.gate = gate
+        # With a gate the compiled call also returns the pooled features: one forward pass
+        # gives both the probabilities and what the gate scores (ml.ood).
+        net = feature_model(model, gate.layer) if gate is not None else model
         self._call = tf.function(
-            lambda x: model(x, training=False),
+            lambda x: net(x, training=False),
             input_signature=[
                 tf.TensorSpec((None, self.input_size, self.input_size, 1), tf.float32)
             ],
         )
         # Grad-CAM of the same layers (ml.explain); None with the reason for a model without
         # a convolutional layer (the stand-in).
-        self.explainer, self.explainer_error = build_explainer(model, self.class_names)
+        # With a gate its forward pass also gives the gate's pooled features (one pass).
+        self.explainer, self.explainer_error = build_explainer(
+            model, self.class_names, gate.layer if gate is not None else None
+        )
 
     def predict_batch(self, images: np.ndarray) -> np.ndarray:
         """Return class probabilities ``(n, classes)`` for ``(n, size, size, 1)`` float32 input."""
+        return self.predict_scored(images)[0]
+
+    def predict_scored(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Class probabilities and, with a gate, each image's OOD score (else ``None``)."""
         out: Any = self._call(tf.convert_to_tensor(images, dtype=tf.float32))
-        return np.asarray(out, dtype=np.float64)
+        if self.gate is None:
+            return np.asarray(out, dtype=np.float64), None
+        probs, features = out
+        scores = self.gate.score(np.asarray(features, dtype=np.float32))
+        return np.asarray(probs, dtype=np.float64), scores
 
     def to_prediction(self, probabilities: np.ndarray) -> Prediction:
         """Turn one row of probabilities into a :class:`Prediction` (JSON-native floats).

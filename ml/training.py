@@ -19,7 +19,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,6 +31,7 @@ from ml.config import VGG16_BLOCKS, TrainConfig
 from ml.dataset import Dataset
 from ml.decision import NEGATIVE_CLASS, negative_index
 from ml.evaluation import evaluate_model, plot_curves
+from ml.ood import MahalanobisGate, fit_gate
 from ml.progress import BatchReport, EpochReport, Progress
 
 if TYPE_CHECKING:
@@ -64,6 +65,10 @@ class TrainResult:
     decision_threshold: float | None = None
     precision: str = "float32"
     """What the training steps computed in (``model`` itself is float32, like every version)."""
+    ood_gate: MahalanobisGate | None = None
+    """The out-of-distribution gate fitted on the train split, thresholded on val (ml.ood)."""
+    ood: dict[str, Any] = field(default_factory=dict)
+    """The gate's summary for the version's metadata."""
 
 
 @functools.cache
@@ -297,6 +302,7 @@ def train(
     evaluation = evaluate_model(
         final, dataset.x_test, dataset.y_test, dataset.class_names, config.batch_size, threshold
     )
+    gate, ood = fit_gate(final, dataset, batch_size=config.batch_size)
     return TrainResult(
         model=final,
         history=progress.history,
@@ -307,6 +313,8 @@ def train(
         config=config,
         decision_threshold=threshold,
         precision=precision,
+        ood_gate=gate,
+        ood=ood,
     )
 
 

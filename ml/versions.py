@@ -25,6 +25,7 @@ if TYPE_CHECKING:  # TensorFlow is imported only where a model is saved or loade
     import keras
 
     from ml.model import Classifier
+    from ml.ood import MahalanobisGate
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
@@ -61,6 +62,8 @@ class ModelMetadata:
     # On 1 - p(negative class); None = argmax. Chosen on the validation split (ml.decision).
     decision_threshold: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # The out-of-distribution gate (ml.ood): method, threshold, acceptance on val/test; {} = none.
+    ood: dict[str, Any] = field(default_factory=dict)
     # False for a version never fine-tuned (`cxr init-model`: a random or ImageNet base under a
     # fresh head): its answers mean nothing and are marked so wherever they appear.
     trained: bool = True
@@ -179,10 +182,14 @@ def save_version(
     job_id: str | None = None,
     decision_threshold: float | None = None,
     extra: dict[str, Any] | None = None,
+    ood_gate: MahalanobisGate | None = None,
+    ood: dict[str, Any] | None = None,
     trained: bool | None = None,
 ) -> ModelMetadata:
     """Publish ``model`` as the next version number under ``model_dir`` and return its metadata.
 
+    ``ood_gate`` is stored as ``ood.npz`` and ``ood`` (its summary, or why there is none) in the
+    metadata; a model card (``model_card.md``) is written from the metadata and evaluation.
     ``trained`` says whether the weights were fine-tuned (``None``: :func:`infer_trained` from
     ``extra``, ``evaluation`` and ``training_seconds``).
 
@@ -200,6 +207,10 @@ def save_version(
             (staging / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2) + "\n")
         if curves_png is not None:
             (staging / CURVES_FILE).write_bytes(curves_png)
+        if ood_gate is not None:
+            from ml.ood import OOD_FILE
+
+            ood_gate.save(staging / OOD_FILE)
         # mkdtemp makes the folder private; versions are read by workers that may be other users.
         staging.chmod(0o755)
         # Every numbered folder counts, complete or not, so a broken leftover is never reused.
@@ -228,8 +239,10 @@ def save_version(
                 job_id=job_id,
                 decision_threshold=decision_threshold,
                 extra=dict(extra or {}),
+                ood=dict(ood or {}),
                 trained=trained,
             )
+            _write_card(staging, metadata, evaluation)
             (staging / METADATA_FILE).write_text(json.dumps(metadata.to_dict(), indent=2) + "\n")
             try:
                 # rename() of a folder onto a missing name is atomic on POSIX; if another writer
@@ -242,6 +255,14 @@ def save_version(
             return metadata
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _write_card(folder: Path, metadata: ModelMetadata, evaluation: dict[str, Any] | None) -> None:
+    """Write the version's model card (Markdown) beside its metadata."""
+    from ml.model_card import CARD_FILE, build_card, card_markdown
+
+    card = build_card(metadata.to_dict(), evaluation, audit=[])
+    (folder / CARD_FILE).write_text(card_markdown(card))
 
 
 def check_compatible(model: keras.Model, class_names: list[str]) -> int:
@@ -267,25 +288,35 @@ def import_model(
     class_names: list[str],
     base_weights: str | None = None,
     note: str | None = None,
+    dataset_root: PathLike | None = None,
+    ood_acceptance: float | None = None,
     trained: bool = True,
 ) -> ModelMetadata:
     """Publish an existing Keras model file (e.g. trained in a notebook) as a new version.
 
-    It counts as trained unless ``trained=False`` says otherwise (``cxr import --untrained``).
+    With ``dataset_root`` its out-of-distribution gate is fitted on that dataset (ml.ood);
+    without, the version has none (``ood.method == "none"``). It counts as trained unless
+    ``trained=False`` says otherwise (``cxr import --untrained``).
     """
     import keras
+
+    from ml.ood import DEFAULT_ACCEPTANCE, fit_gate_on_folder
 
     try:
         model = keras.saving.load_model(os.fspath(source), compile=False)
     except (OSError, ValueError) as exc:
         raise IncompatibleModelError(f"cannot load {source} as a Keras model: {exc}") from exc
     check_compatible(model, class_names)
+    acceptance = DEFAULT_ACCEPTANCE if ood_acceptance is None else ood_acceptance
+    gate, ood = fit_gate_on_folder(model, dataset_root, class_names, acceptance)
     return save_version(
         model,
         model_dir,
         class_names=class_names,
         base_weights=base_weights,
         extra={"imported_from": os.fspath(source), **({"note": note} if note else {})},
+        ood_gate=gate,
+        ood=ood,
         trained=trained,
     )
 
@@ -299,6 +330,7 @@ def load_classifier(model_dir: PathLike, version: int, precision: str = "float32
     import keras
 
     from ml.model import Classifier
+    from ml.ood import OOD_FILE, load_gate
     from ml.precision import with_precision
 
     metadata = read_metadata(model_dir, version)
@@ -309,6 +341,7 @@ def load_classifier(model_dir: PathLike, version: int, precision: str = "float32
         metadata.class_names,
         version=metadata.version,
         decision_threshold=metadata.decision_threshold,
+        gate=load_gate(version_dir(model_dir, version) / OOD_FILE),
         trained=metadata.trained,
     )
 

@@ -31,8 +31,11 @@ from web.schemas import (
     MAX_LIMIT,
     MAX_REASON_CHARS,
     AuditList,
+    CardQuery,
     EvalDatasetBody,
     EvalDatasetList,
+    GateChange,
+    GateChanged,
     JobList,
     ListQuery,
     ModelDetail,
@@ -42,7 +45,7 @@ from web.schemas import (
     TrainingAccepted,
     TrainingJob,
 )
-from worker.catalog import ModelCatalog, VersionNotFoundError
+from worker.catalog import ModelCatalog, VersionNotFoundError, render_card
 from worker.evalsets import EvalDatasetError, EvalDatasets, check_eval_name, check_eval_path
 from worker.jobs import FINAL_JOB_STATES, TrainingJobs, TrainingRequest, form_fields
 from worker.registry import ActiveVersion, PointerError
@@ -269,6 +272,29 @@ GET_CURVES = Operation(
         404: "No such version, or it has no curves (`not_found`).",
     },
 )
+GET_CARD = Operation(
+    query=CardQuery,
+    parameters=VERSION,
+    responses={
+        200: Answer(
+            "The model card (Mitchell et al. 2019): JSON, or Markdown / HTML with `format`.",
+            {"type": "object"},
+            also=("text/markdown", "text/html"),
+        ),
+        400: INVALID,
+        404: "No such version, or unreadable (`not_found`).",
+    },
+)
+SET_GATE = Operation(
+    body=GateChange,
+    body_required=True,
+    parameters=VERSION,
+    responses={
+        200: Answer("The version's gate now.", GateChanged),
+        400: INVALID,
+        404: "No such version (`not_found`).",
+    },
+)
 ROLLBACK = Operation(
     body=PointerChange,
     responses={
@@ -402,6 +428,52 @@ def get_curves(version: int) -> Reply:
     if path is None:
         return not_found(f"model version {version} has no training curves")
     return send_file(path, mimetype="image/png", max_age=0)
+
+
+@bp.get("/models/<int:version>/card")
+@declare(GET_CARD)
+def get_model_card(version: int) -> Reply:
+    """The model card of one version: JSON, or ``?format=markdown`` / ``?format=html``."""
+    try:
+        fmt = CardQuery.model_validate(request.args.to_dict()).format
+    except ValidationError:
+        raw = request.args.get("format", "")
+        raise InvalidRequest(f"format must be json, markdown or html, got {raw[:40]!r}") from None
+    try:
+        card = catalog().card(version, registry().audit(MAX_LIMIT))
+    except VersionNotFoundError:
+        return not_found(f"no model version {version}")
+    except (OSError, ValueError, TypeError) as exc:
+        return not_found(f"model version {version} cannot be read: {exc}")
+    if fmt == "markdown":
+        return Response(render_card(card, "markdown"), mimetype="text/markdown")
+    if fmt == "html":
+        return Response(render_card(card, "html"), mimetype="text/html")
+    return jsonify(card)
+
+
+@bp.put("/models/<int:version>/gate")
+@declare(SET_GATE)
+def set_model_gate(version: int) -> Reply:
+    """Turn a version's out-of-distribution gate on or off: ``{"enabled": bool, "reason"?}``."""
+    body = json_body()
+    unknown = sorted(set(body) - set(GateChange.model_fields))
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(unknown)}")
+    if not isinstance(body.get("enabled"), bool):
+        raise InvalidRequest("enabled must be true or false")
+    try:
+        change = GateChange.model_validate(body, strict=True)
+    except ValidationError:
+        raise InvalidRequest(
+            f"reason must be a string of at most {MAX_REASON_CHARS} characters"
+        ) from None
+    try:
+        catalog().set_gate(version, change.enabled, actor(), change.reason.strip())
+    except VersionNotFoundError:
+        return not_found(f"no model version {version}")
+    doc = catalog().detail(version)
+    return jsonify({"version": version, "gate": doc["gate"]})
 
 
 def change_pointer(version: int, action: str) -> Reply:

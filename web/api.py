@@ -3,7 +3,7 @@ its Grad-CAM map."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import redis
 from flask import Blueprint, Flask, Response, jsonify, render_template, request, url_for
@@ -20,6 +20,7 @@ from web.schemas import (
     OverlayQuery,
     PredictionStatus,
     StatusQuery,
+    UploadQuery,
 )
 from web.uploads import too_large_message
 from worker.client import (
@@ -67,6 +68,21 @@ def explain_requested() -> bool:
     return not values or values[-1].strip().lower() not in FALSE_WORDS
 
 
+def ood_requested() -> str | None:
+    """The request's ``ood`` (query, else form field; ``apply`` when absent); None: invalid.
+
+    Both places are validated (UploadQuery): a bad value in either is refused, not shadowed.
+    """
+    try:
+        query = UploadQuery.model_validate(request.args.to_dict())
+        form = UploadQuery.model_validate(
+            {k: request.form[k] for k in ("ood",) if k in request.form}
+        )
+    except ValidationError:
+        return None
+    return query.ood if "ood" in request.args else form.ood
+
+
 def not_found(job_id: str, what: str = "prediction") -> tuple[Response, int]:
     """The 404 of an unknown or expired id (not cached: a map may still be on its way)."""
     ttl = settings().result_ttl_seconds
@@ -106,9 +122,13 @@ class Upload(BaseModel):
         description="the X-ray: PNG, JPEG or DICOM",
         json_schema_extra={"format": "binary", "contentMediaType": "application/octet-stream"},
     )
+    ood: Literal["apply", "ignore"] | None = Field(
+        default=None, description="as the query's `ood` (the query wins when both are sent)"
+    )
 
 
 UPLOAD = Operation(
+    query=UploadQuery,
     body=Upload,
     body_kind="multipart",
     body_required=True,
@@ -119,8 +139,8 @@ UPLOAD = Operation(
             model=Accepted,
             headers={"Location": "The status URL of the prediction."},
         ),
-        400: "No field `file` (`missing_file`), an empty one (`empty`), or not an image "
-        "(`corrupt`).",
+        400: "No field `file` (`missing_file`), an empty one (`empty`), not an image "
+        "(`corrupt`), or `ood` neither `apply` nor `ignore` (`invalid_request`).",
         413: "The request is over CXR_MAX_UPLOAD_MB (`too_large`), or the image over "
         "CXR_MAX_IMAGE_PIXELS (`too_many_pixels`).",
         415: "Not PNG, JPEG or DICOM (`unsupported_format`), or a DICOM that is not a "
@@ -181,9 +201,15 @@ def create_prediction() -> tuple[Response, int] | Response:
             400, "missing_file", "send the X-ray as a multipart/form-data field named 'file'"
         )
     storage = request.files["file"]
+    ood = ood_requested()
+    if ood is None:
+        return error_response(400, "invalid_request", "ood must be 'apply' or 'ignore'")
     try:
         job_id = prediction_client().submit(
-            read_upload(storage), storage.filename, explain=explain_requested()
+            read_upload(storage),
+            storage.filename,
+            explain=explain_requested(),
+            ood_ignore=ood == "ignore",
         )
     except ImageError as exc:
         metrics.rejected(exc.code)

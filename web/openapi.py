@@ -50,6 +50,7 @@ class Reply:
     model: Any = None
     media_type: str = "application/json"
     headers: Mapping[str, str] = field(default_factory=dict)
+    also: tuple[str, ...] = ()  # other media types of the same answer, as text (e.g. Markdown)
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,8 @@ def _response(schemas: _Schemas, status: int, reply: Reply | str) -> dict[str, A
     elif reply.media_type != "application/json":
         binary = {"type": "string", "contentMediaType": reply.media_type}
         out["content"] = {reply.media_type: {"schema": binary}}
+    for media_type in reply.also:
+        out.setdefault("content", {})[media_type] = {"schema": {"type": "string"}}
     if reply.headers:
         out["headers"] = {
             name: {"description": text, "schema": {"type": "string"}}

@@ -94,6 +94,7 @@ def meta_text(doc: dict[str, Any]) -> str:
     return (
         f"Model version {result.get('model_version')} · {rule} · "
         f"{seconds} from upload to result{timing}"
+        + (" · out-of-distribution gate ignored on request" if result.get("ood_ignored") else "")
     )
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, NotRequired
 from pydantic import BaseModel, ConfigDict, Field
 from typing_extensions import TypedDict  # pydantic needs this one on Python 3.11
 
-from worker.catalog import ModelDetail
+from worker.catalog import GateSummary, ModelDetail
 from worker.client import DEFAULT_OPACITY
 from worker.jobs import JobState as TrainingJobState
 from worker.records import PredictionStatus
@@ -31,6 +31,9 @@ __all__ = [
     "MAX_WAIT_SECONDS",
     "Accepted",
     "AuditList",
+    "CardQuery",
+    "GateChange",
+    "GateChanged",
     "ErrorDocument",
     "Health",
     "JobList",
@@ -45,6 +48,7 @@ __all__ = [
     "StatusQuery",
     "TrainingAccepted",
     "TrainingJob",
+    "UploadQuery",
     "WorkerState",
 ]
 
@@ -56,6 +60,18 @@ MAX_LIMIT = 1000
 
 
 # --- what clients send --------------------------------------------------------------------------
+
+
+class UploadQuery(BaseModel):
+    """The query string of an upload (``ood`` may also come as a form field)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    ood: Literal["apply", "ignore"] = Field(
+        default="apply",
+        description="`ignore`: label the image even if the version's out-of-distribution gate "
+        "does not recognise it as a frontal chest X-ray (the result says `ood_ignored`)",
+    )
 
 
 class OverlayQuery(BaseModel):
@@ -95,6 +111,32 @@ class StatusQuery(BaseModel):
         f"(at most {MAX_WAIT_SECONDS:g}; larger values count as {MAX_WAIT_SECONDS:g}, negative "
         "ones as 0)",
     )
+
+
+class CardQuery(BaseModel):
+    """The query string of a model card."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    format: Literal["json", "markdown", "html"] = Field(
+        default="json", description="the card as JSON, Markdown or an HTML page"
+    )
+
+
+class GateChange(BaseModel):
+    """The body of a gate switch: on or off, and why."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(description="whether the version's out-of-distribution gate applies")
+    reason: str = Field(default="", max_length=MAX_REASON_CHARS, description="kept in the marker")
+
+
+class GateChanged(TypedDict):
+    """A version's gate after a switch."""
+
+    version: int
+    gate: GateSummary
 
 
 class ListQuery(BaseModel):
@@ -198,7 +240,8 @@ class ModelSummary(TypedDict):
     decision_threshold: float | None
     active: bool
     has_curves: bool
-    trained: NotRequired[bool]  # False: never fine-tuned (its answers are marked)
+    trained: bool
+    gate: GateSummary
     external: NotRequired[dict[str, Any]]  # registered set -> its stored evaluation
 
 

@@ -46,6 +46,7 @@ class BatchResult:
     heatmap: Heatmap | None = None  # asked for and computed (Grad-CAM, ml.explain)
     explanation_error: str | None = None  # asked for, but none: why
     explain_s: float | None = None  # the batch's Grad-CAM gradient pass
+    ood_score: float | None = None  # the version's OOD gate score (ml.ood); None: no gate
 
 
 @dataclass
@@ -176,7 +177,10 @@ class Batcher:
             return
         if self.on_batch is not None:
             self.on_batch(len(batch), model_s, classifier.version)
-        for row, heatmap, p in zip(out.probabilities, out.heatmaps, batch, strict=True):
+        for i, (row, heatmap, p) in enumerate(
+            zip(out.probabilities, out.heatmaps, batch, strict=True)
+        ):
+            score = None if out.ood_scores is None else float(out.ood_scores[i])
             p.future.set_result(
                 BatchResult(
                     classifier,
@@ -187,6 +191,7 @@ class Batcher:
                     heatmap=heatmap,
                     explanation_error=out.error if p.explain else None,
                     explain_s=out.seconds if p.explain else None,
+                    ood_score=score,
                 )
             )
 
@@ -197,15 +202,21 @@ class _Classified:
     heatmaps: list[Heatmap | None]
     error: str | None
     seconds: float | None
+    ood_scores: np.ndarray | None  # the version's OOD gate scores (ml.ood); None: no gate
 
 
 def _classify(classifier: Classifier, x: np.ndarray, wanted: list[bool]) -> _Classified:
-    """One batch through the model; with Grad-CAM maps for the images that want one."""
+    """One batch through the model; with Grad-CAM maps for the images that want one.
+
+    Either way it is one forward pass giving the probabilities and, when the version has a
+    gate, its scores: ``predict_scored`` or, with maps, ``ml.explain.predict_and_explain``.
+    """
     if not any(wanted):
-        return _Classified(classifier.predict_batch(x), [None] * len(x), None, None)
+        probs, scores = classifier.predict_scored(x)
+        return _Classified(probs, [None] * len(x), None, None, scores)
     # Imported here: ml.explain imports TensorFlow (already loaded with any real classifier),
     # and this module stays importable without it.
     from ml.explain import predict_and_explain
 
     out = predict_and_explain(classifier, x, wanted)
-    return _Classified(out.probabilities, out.heatmaps, out.error, out.seconds)
+    return _Classified(out.probabilities, out.heatmaps, out.error, out.seconds, out.ood_scores)

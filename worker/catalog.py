@@ -9,9 +9,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from typing_extensions import TypedDict  # pydantic needs this one on Python 3.11
 
 from ml.external import read_external, sensitivity_warning
+from ml.model_card import build_card, card_html, card_markdown
+from ml.ood import read_gate_off, set_gate_off
 from ml.versions import (
     ModelMetadata,
     VersionNotFoundError,
@@ -20,9 +24,10 @@ from ml.versions import (
     list_versions,
     read_evaluation,
     read_metadata,
+    version_dir,
 )
 
-__all__ = ["ModelCatalog", "ModelDetail", "VersionNotFoundError"]
+__all__ = ["GateSummary", "ModelCatalog", "ModelDetail", "VersionNotFoundError", "render_card"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +36,22 @@ EXTERNAL_SUMMARY = (
     "n", "accuracy", "sensitivity", "sensitivity_ci", "specificity", "roc_auc", "roc_auc_ci",
     "threshold", "target_sensitivity", "error", "warning",
 )  # fmt: skip
+
+
+class GateSummary(TypedDict):
+    """A version's out-of-distribution gate as the admin API shows it (ml.ood)."""
+
+    method: str  # mahalanobis, or none (the version has no gate)
+    threshold: float | None
+    val_acceptance: float | None
+    test_acceptance: float | None
+    enabled: bool  # it has a gate and nobody turned it off
+    turned_off: dict[str, Any] | None  # who turned it off, when and why (gate-off.json)
+
+
+def render_card(card: dict[str, Any], fmt: Literal["markdown", "html"]) -> str:
+    """A model card (:meth:`ModelCatalog.card`) as Markdown or a self-contained HTML page."""
+    return card_markdown(card) if fmt == "markdown" else card_html(card)
 
 
 @dataclass(frozen=True)
@@ -44,6 +65,7 @@ class ModelDetail(ModelMetadata):
     evaluation: dict[str, Any] | None = None
     has_curves: bool = False
     active: bool = False
+    gate: GateSummary | None = None
 
 
 class ModelCatalog:
@@ -97,6 +119,7 @@ class ModelCatalog:
                 name: {k: doc[k] for k in EXTERNAL_SUMMARY if k in doc}
                 for name, doc in self.external(version, meta.hyperparameters).items()
             },
+            "gate": self.gate(version, meta.ood),
         }
 
     def external(
@@ -117,6 +140,30 @@ class ModelCatalog:
             out[name] = doc
         return out
 
+    def gate(self, version: int, ood: dict[str, Any]) -> GateSummary:
+        """The versions table's gate column: method, threshold, acceptance on val and test."""
+        method = ood.get("method", "none") if ood else "none"
+        off = read_gate_off(version_dir(self.model_dir, version))
+        return {
+            "method": method,
+            "threshold": ood.get("threshold"),
+            "val_acceptance": ood.get("val_acceptance"),
+            "test_acceptance": ood.get("test_acceptance"),
+            "enabled": method != "none" and off is None,
+            "turned_off": off,
+        }
+
+    def card(self, version: int, audit: list[dict[str, Any]]) -> dict[str, Any]:
+        """The model card of ``version`` (ml.model_card), with the audit entries passed in."""
+        meta = read_metadata(self.model_dir, version)
+        return build_card(meta.to_dict(), read_evaluation(self.model_dir, version), audit)
+
+    def set_gate(self, version: int, enabled: bool, actor: str, reason: str) -> None:
+        """Turn ``version``'s gate on or off (a marker file in its folder the workers check)."""
+        if not has_version(self.model_dir, version):
+            raise VersionNotFoundError(f"no model version {version}")
+        set_gate_off(version_dir(self.model_dir, version), not enabled, actor, reason)
+
     def detail(self, version: int) -> dict[str, Any]:
         """Everything known about one version, with its evaluation (``active`` is the caller's).
 
@@ -128,4 +175,5 @@ class ModelCatalog:
         doc["evaluation"] = read_evaluation(self.model_dir, version)
         doc["external"] = self.external(version, doc.get("hyperparameters"))
         doc["has_curves"] = curves_path(self.model_dir, version) is not None
+        doc["gate"] = self.gate(version, doc.get("ood") or {})
         return doc

@@ -205,7 +205,13 @@ class PredictionClient:
         self.celery = celery
         self.keys = Keys(settings.key_prefix)
 
-    def submit(self, data: bytes, filename: str | None = None, explain: bool = True) -> str:
+    def submit(
+        self,
+        data: bytes,
+        filename: str | None = None,
+        explain: bool = True,
+        ood_ignore: bool = False,
+    ) -> str:
         """Validate an upload, store its normalised image and queue its prediction; return the id.
 
         What is stored is not the file but its decoded grayscale pixels, scaled down to at most
@@ -214,6 +220,9 @@ class PredictionClient:
         original travels on. For a DICOM that means no tag of the file (patient, study, dates)
         is stored anywhere: only its pixels, its size and the upload's file name. ``explain``
         travels in the job hash: ``False`` asks the worker for no Grad-CAM map.
+
+        ``ood_ignore``: the request asked for the raw answer (``?ood=ignore``): the gate's
+        verdict is not applied and the result says so (``ood_ignored``).
 
         Raises:
             QueueFullError: the queue holds ``max_queued_predictions`` already (checked first,
@@ -247,6 +256,7 @@ class PredictionClient:
                 "bytes": len(data),
                 "width": image.width,
                 "height": image.height,
+                **({"ood": "ignore"} if ood_ignore else {}),
                 "explain": "1" if explain else "0",
             },
         )

@@ -41,6 +41,11 @@ PREDICTIONS = Counter(
     "Finished predictions by model version and outcome.",
     ["model_version", "status"],
 )
+OOD_REFUSED = Counter(
+    "cxr_ood_refused_total",
+    "Predictions refused by the out-of-distribution gate (label null), by model version.",
+    ["model_version"],
+)
 MODEL_LOADS = Counter(
     "cxr_model_loads_total",
     "Model version loads (a success is also a swap when another version was served).",

@@ -19,13 +19,18 @@ __all__ = [
     "HEATMAP_PNG_PATH",
     "IMAGE_PNG_PATH",
     "Explanation",
+    "GateState",
     "JobState",
+    "OutOfDistribution",
     "PredictionResult",
     "PredictionStatus",
     "Timings",
 ]
 
 JobState = Literal["queued", "running", "done", "failed"]
+# mahalanobis: the version's gate ran; none: the version has none; off: turned off (version or
+# deployment); ignored: the request asked ?ood=ignore.
+GateState = Literal["mahalanobis", "none", "off", "ignored"]
 FINAL_STATES: frozenset[str] = frozenset({"done", "failed"})
 
 # Where the web serves a result's images and map (web/api.py routes them; a test checks).
@@ -69,16 +74,30 @@ class Explanation:
 
 
 @dataclass(frozen=True)
+class OutOfDistribution:
+    """The out-of-distribution gate's verdict on an image it refused (ml.ood)."""
+
+    score: float  # the image's Mahalanobis distance (squared) to the nearest class
+    threshold: float  # the version's threshold: scores above it are refused
+    reason: str  # "not recognised as a frontal chest X-ray"
+    method: str  # "mahalanobis"
+
+
+@dataclass(frozen=True)
 class PredictionResult:
     """The answer for one image: label, probabilities and which model gave them, how fast."""
 
-    label: str
+    label: str | None  # None: refused by the out-of-distribution gate
     probabilities: dict[str, float]
     model_version: int | None
     decision_threshold: float | None
     batch_size: int
     timings_ms: Timings
     precision: str = "float32"  # what the model computed in; the probabilities are float32
+    # The gate's verdict when it refused the image (then label is None); else None.
+    out_of_distribution: OutOfDistribution | None = None
+    gate: GateState = "none"  # which gate applied (GateState)
+    ood_ignored: bool = False  # the request asked ?ood=ignore
     explanation: Explanation | None = None  # the Grad-CAM map; None: see explanation_reason
     explanation_reason: str | None = None  # why there is no explanation (off, failed, no conv)
     # False: the version was never fine-tuned (ml.versions.ModelMetadata.trained): its label
@@ -99,13 +118,16 @@ class PredictionResult:
         timings = data["timings_ms"]
         fields = {f.name: timings.get(f.name) for f in dataclasses.fields(Timings)}
         return cls(
-            label=data["label"],
+            label=data.get("label"),
             probabilities=dict(data["probabilities"]),
             model_version=data["model_version"],
             decision_threshold=data.get("decision_threshold"),
             batch_size=data["batch_size"],
             timings_ms=Timings(**fields),
             precision=data.get("precision", "float32"),
+            out_of_distribution=_refusal(data.get("out_of_distribution")),
+            gate=cast(GateState, data.get("gate", "none")),
+            ood_ignored=bool(data.get("ood_ignored", False)),
             # Records written before explanations existed have neither field.
             explanation=_explanation(data.get("explanation")),
             explanation_reason=data.get("explanation_reason"),
@@ -117,6 +139,15 @@ class PredictionResult:
     def from_json(cls, raw: str | bytes) -> PredictionResult:
         """Parse a job hash's ``result`` field."""
         return cls.from_dict(json.loads(raw))
+
+
+def _refusal(data: Mapping[str, Any] | None) -> OutOfDistribution | None:
+    """Parse a stored refusal, ignoring fields this version does not know."""
+    if not data:
+        return None
+    return OutOfDistribution(
+        **{f.name: data[f.name] for f in dataclasses.fields(OutOfDistribution)}
+    )
 
 
 def _explanation(data: Mapping[str, Any] | None) -> Explanation | None:

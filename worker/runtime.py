@@ -18,11 +18,20 @@ import redis
 from redis.typing import EncodableT, FieldT
 
 from ml.imaging import ImageError, decode_image
+from ml.ood import REASON, gate_off_path
+from ml.versions import version_dir
 from worker import metrics
 from worker.batcher import Batcher, BatchResult, NoModelAvailable
 from worker.client import NO_MODEL_MESSAGE, Keys, WorkerInfo, as_text
 from worker.holder import ModelHolder
-from worker.records import FINAL_STATES, Explanation, PredictionResult, Timings
+from worker.records import (
+    FINAL_STATES,
+    Explanation,
+    GateState,
+    OutOfDistribution,
+    PredictionResult,
+    Timings,
+)
 from worker.registry import ActiveVersion
 from worker.settings import Settings, get_settings
 
@@ -30,6 +39,8 @@ log = logging.getLogger(__name__)
 
 # How long a task waits for the first model load of a freshly started process.
 FIRST_LOAD_WAIT_SECONDS = 120.0
+# The explanation_reason of a result the out-of-distribution gate refused.
+OOD_NOT_EXPLAINED = "no explanation: the image was refused as out of distribution"
 # A prediction whose batch has not run by then fails instead of holding its task forever.
 PREDICT_TIMEOUT_SECONDS = 300.0
 # How long a prediction's own Redis writes wait out an outage. A task that raises on a lost
@@ -188,11 +199,11 @@ class WorkerRuntime:
 
         def read() -> list[Any]:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.hmget(job_key, ["status", "created_at", "explain"])
+            pipe.hmget(job_key, ["status", "created_at", "explain", "ood"])
             pipe.get(upload_key)
             return pipe.execute()
 
-        (status, created_at, explain_flag), data = through_outage(read)
+        (status, created_at, explain_flag, ood_mode), data = through_outage(read)
         if status is None:
             log.warning("job %s expired before it was processed", job_id)
             self.redis.delete(upload_key)
@@ -225,9 +236,12 @@ class WorkerRuntime:
             return
         classifier = batch.classifier
         prediction = classifier.to_prediction(batch.probabilities)
+        gate, refusal = self._gate(
+            batch, ignore=ood_mode is not None and as_text(ood_mode) == "ignore"
+        )
         queued_ms = (started - float(created_at)) * 1000 if created_at else None
         result = PredictionResult(
-            label=prediction.label,
+            label=None if refusal else prediction.label,
             probabilities=prediction.probabilities,
             model_version=classifier.version,
             decision_threshold=classifier.decision_threshold,
@@ -240,10 +254,19 @@ class WorkerRuntime:
                 worker_total=round((time.time() - started) * 1000, 2),
             ),
             precision=classifier.precision,
+            out_of_distribution=refusal,
+            gate=gate,
+            ood_ignored=gate == "ignored",
             model_trained=classifier.trained,
         )
+        if refusal:
+            metrics.OOD_REFUSED.labels(model_version=str(classifier.version)).inc()
         heatmap_json = None
-        if batch.heatmap is not None:
+        if refusal is not None:
+            # No label, so nothing to explain: a map of an image the gate does not recognise
+            # would dress up a class the service did not report.
+            result = dataclasses.replace(result, explanation_reason=OOD_NOT_EXPLAINED)
+        elif batch.heatmap is not None:
             result, heatmap_json = self._with_explanation(job_id, result, batch)
         else:
             reason = batch.explanation_error if explain else not_explained
@@ -277,6 +300,29 @@ class WorkerRuntime:
             explain=round(batch.explain_s * 1000, 2) if batch.explain_s is not None else None,
         )
         return dataclasses.replace(result, explanation=explanation, timings_ms=timings), stored
+
+    def _gate(self, batch: BatchResult, ignore: bool) -> tuple[GateState, OutOfDistribution | None]:
+        """Which gate applied (mahalanobis/none/off/ignored) and the refusal, if it refused."""
+        gate = batch.classifier.gate
+        if gate is None or batch.ood_score is None:
+            return "none", None
+        version = batch.classifier.version
+        if not self.settings.ood_gate or (
+            version is not None
+            and gate_off_path(version_dir(self.settings.model_dir, version)).exists()
+        ):
+            return "off", None
+        if ignore:
+            return "ignored", None
+        if batch.ood_score <= gate.threshold:
+            return "mahalanobis", None
+        refusal = OutOfDistribution(
+            score=round(batch.ood_score, 3),
+            threshold=round(gate.threshold, 3),
+            reason=REASON,
+            method=gate.method,
+        )
+        return "mahalanobis", refusal
 
     def _finish(
         self,

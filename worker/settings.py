@@ -132,6 +132,11 @@ class Settings(BaseSettings):
         "with AMX or AVX512-BF16, float16 on GPUs with Tensor Cores, else float32) or a forced "
         "precision; probabilities and saved versions stay float32.",
     )
+    ood_gate: bool = Field(
+        default=True,
+        description="Refuse images a version's out-of-distribution gate does not recognise as a "
+        "frontal chest X-ray (label null); false: every image gets a label.",
+    )
     explain: bool = Field(
         default=True,
         description="Whether inference workers compute a Grad-CAM map of each prediction "

@@ -195,6 +195,8 @@ class TrainingRunner:
             curves_png=result.curves_png,
             job_id=job_id,
             decision_threshold=result.decision_threshold,
+            ood_gate=result.ood_gate,
+            ood=result.ood,
             trained=True,
         )
         self._set_stage(job_id, "external evaluation")

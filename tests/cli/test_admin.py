@@ -84,7 +84,8 @@ def test_models_table_and_json(
     assert code == 0, err
     lines = out.strip().splitlines()
     assert lines[0].split() == ["VERSION", "ACTIVE", "CREATED", "BASE", "INPUT", "ACC", "SENS",
-                                "SPEC", "AUC"]  # fmt: skip
+                                "SPEC", "AUC", "GATE"]  # fmt: skip
+    assert lines[1].split()[-1] == "none"  # the tiny versions were published without a dataset
     assert [line.split()[0] for line in lines[1:3]] == ["2", "1"]
     assert "v1" in lines[1] and "0.950" in lines[1] and f"{TINY_SIZE}px" in lines[1]
     assert "UNTRAINED" not in lines[1] and lines[2].split()[:2] == ["1", "UNTRAINED"]
@@ -105,6 +106,12 @@ def test_model_detail(live: tuple[str, Settings], capsys: pytest.CaptureFixture[
     assert "parent:    version 1" in out
     assert f"roc_auc: {EVALUATION['roc_auc']:.3f}" in out
     assert f"classes:   {', '.join(CLASSES)}" in out
+    assert "OOD gate:  none" in out
+    code, out, err = cxr(capsys, url, "model", "2", "--card")
+    assert code == 0, err
+    assert out.startswith("# Model card: cxr version 2")
+    assert "## Out-of-distribution gate" in out and "gate: none" in out
+    assert f"| roc_auc | {EVALUATION['roc_auc']:.4g} |" in out
     assert "UNTRAINED" not in out
     code, out, err = cxr(capsys, url, "model", "1")
     assert code == 0, err

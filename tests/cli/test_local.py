@@ -217,7 +217,8 @@ def test_versions_lists_versions(
         assert fields[2] == f"{TINY_SIZE}px"
         assert fields[3] == ",".join(CLASSES)
         assert fields[4] == "None"
-        assert fields[5] == "UNTRAINED"  # a bare save of a freshly built model
+        assert fields[5] == "gate: none"
+        assert fields[6] == "UNTRAINED"  # a bare save of a freshly built model
 
 
 def test_versions_of_empty_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -332,6 +332,7 @@ def test_untrained_marker_is_called_for_a_done_card(page: Page, web_url: str) ->
         trained: done_doc(trained, explanation=None),
     }
     docs[untrained]["result"]["model_trained"] = False
+
     def answer(doc: dict[str, Any]) -> Callable[[Route], None]:
         return lambda route: route.fulfill(json=doc)
 

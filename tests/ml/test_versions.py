@@ -100,6 +100,7 @@ def test_metadata_json_content(two_versions: tuple[Path, ModelMetadata, ModelMet
         "job_id",
         "decision_threshold",
         "extra",
+        "ood",
         "trained",
     }
     assert doc == second.to_dict()

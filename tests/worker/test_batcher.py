@@ -31,6 +31,9 @@ class FakeClassifier:
         mean = x.reshape(len(x), -1).mean(axis=1) / 255.0
         return np.stack([1 - mean, mean], axis=1)
 
+    def predict_scored(self, x: np.ndarray) -> tuple[np.ndarray, None]:
+        return self.predict_batch(x), None
+
 
 def image(value: int) -> np.ndarray:
     """A constant 2-D uint8 image."""

@@ -193,6 +193,24 @@ function externalCell(v) {
   return cell;
 }
 
+function gateLabel(g) {
+  if (!g || g.method === "none") return "gate: none";
+  const pct = (x) => (x == null ? "?" : (x * 100).toFixed(1) + "%");
+  const state = g.enabled ? "" : " (off)";
+  return `${g.method} ≤ ${fmtNumber(g.threshold)} · val ${pct(g.val_acceptance)} · test ${pct(g.test_acceptance)}${state}`;
+}
+
+async function openCard(version) {
+  try {
+    const { ok, response } = await api("GET", `/models/${version}/card?format=html`);
+    if (!ok) return;
+    const url = URL.createObjectURL(new Blob([await response.text()], { type: "text/html" }));
+    window.open(url, "_blank", "noopener");
+  } catch (err) {
+    fail(err);
+  }
+}
+
 function baseLabel(v) {
   if (v.parent_version !== null && v.parent_version !== undefined) return `v${v.parent_version}`;
   return v.base_weights || "none";
@@ -238,11 +256,13 @@ async function refreshModels() {
       el("td", "num", fmtNumber(m.sensitivity)),
       el("td", "num", fmtNumber(m.specificity)),
       el("td", "num", fmtNumber(m.roc_auc)),
+      el("td", "", gateLabel(v.gate)),
       externalCell(v),
     );
     const curvesCell = el("td", "", v.has_curves ? "…" : "—");
     if (v.has_curves) loadCurves(v.version, curvesCell);
     const actions = el("td", "actions");
+    actions.append(button("Card", "small secondary", () => openCard(v.version)));
     if (!v.active && (active === null || v.version > active)) {
       actions.append(button("Promote", "small", () =>
         changePointer(`/models/${v.version}/promote`, `Promote version ${v.version}? Every worker will serve it.`)));

@@ -120,7 +120,8 @@
       ? " (model " + t.model.toFixed(0) + " ms" + (t.explain != null ? ", Grad-CAM " + t.explain.toFixed(0) + " ms" : "") + ")"
       : "";
     return "Model version " + result.model_version + " · " + ruleText(result) + " · " +
-      seconds + " from upload to result" + model;
+      seconds + " from upload to result" + model +
+      (result.ood_ignored ? " · out-of-distribution gate ignored on request" : "");
   }
 
   function link(href, text, cls) {
