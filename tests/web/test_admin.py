@@ -45,6 +45,8 @@ ROUTES = [
     ("GET", "/models"),
     ("GET", "/models/1"),
     ("GET", "/models/2/curves.png"),
+    ("GET", "/models/2/card"),
+    ("PUT", "/models/2/gate"),
     ("POST", "/models/2/promote"),
     ("POST", "/models/1/pin"),
     ("POST", "/models/rollback"),
