@@ -103,10 +103,15 @@ def excluded(case: schemathesis.Case) -> list[Any]:
 
     An upload's schema says "bytes": whether they are an X-ray no schema can say, so random
     bytes are rightly refused (400/413/415) though they match it. Likewise a job's ``dataset``:
-    a schema-valid name of a folder that is not there is refused with the documented 422.
+    a schema-valid name of a folder that is not there is refused with the documented 422, and
+    so is an evaluation set's ``path``.
     """
-    state_dependent = {"/api/v1/predictions", "/api/v1/admin/training-jobs"}
-    if case.operation.method.upper() == "POST" and case.operation.path in state_dependent:
+    state_dependent = {
+        ("POST", "/api/v1/predictions"),
+        ("POST", "/api/v1/admin/training-jobs"),
+        ("PUT", "/api/v1/admin/eval-datasets/{name}"),
+    }
+    if (case.operation.method.upper(), case.operation.path) in state_dependent:
         return [positive_data_acceptance]
     return []
 
