@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from ml.augment import SITE_RANGES, build_augmenter
-
-tf = pytest.importorskip("tensorflow")
 
 
 def batch(n: int = 8, size: int = 64) -> np.ndarray:
