@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,9 +28,17 @@ class ModelHolder:
     not retried until the wanted version changes again; the old one keeps serving.
     """
 
-    def __init__(self, model_dir: Path, wanted: Callable[[], int | None], precision: str = "auto"):
+    def __init__(
+        self,
+        model_dir: Path,
+        wanted: Callable[[], int | None],
+        precision: str = "auto",
+        warm_batch_sizes: Sequence[int] = (1,),
+    ):
         self.model_dir = model_dir
         self.wanted = wanted
+        # Every batch size the batcher sends is run once at load, before the version serves.
+        self.warm_batch_sizes = tuple(warm_batch_sizes)
         self.requested_precision = precision
         # Resolved on the first load, after the fork (GPU detection imports TensorFlow).
         self.precision: str | None = None
@@ -78,7 +86,7 @@ class ModelHolder:
                     log.info("computing in %s on %s", self.precision, self.hardware)
                     metrics.PRECISION.labels(precision=self.precision).set(1)
                 classifier = load_classifier(self.model_dir, wanted, precision=self.precision)
-                classifier.warm_up()
+                classifier.warm_up(self.warm_batch_sizes)
             except Exception as exc:
                 metrics.MODEL_LOADS.labels(result="failure").inc()
                 self._failed_version = wanted

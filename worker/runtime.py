@@ -79,14 +79,18 @@ class WorkerRuntime:
         self.keys = Keys(settings.key_prefix)
         self.redis = redis.Redis.from_url(settings.redis_url)
         self.active = ActiveVersion(self.redis, self.keys, settings.model_dir)
-        self.holder = ModelHolder(
-            settings.model_dir, wanted=self._wanted_version, precision=settings.precision
-        )
         self.batcher = Batcher(
-            self.holder.current,
+            lambda: self.holder.current(),  # the holder is made below
             max_batch=settings.batch_max_size,
             max_delay_s=settings.batch_max_delay_ms / 1000,
             on_batch=_record_batch,
+            pad=settings.batch_padding,
+        )
+        self.holder = ModelHolder(
+            settings.model_dir,
+            wanted=self._wanted_version,
+            precision=settings.precision,
+            warm_batch_sizes=self.batcher.sizes if settings.batch_padding else (1,),
         )
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self._stop = threading.Event()

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from worker.batcher import Batcher, NoModelAvailable
+from worker.batcher import Batcher, NoModelAvailable, padded_size, padded_sizes
 
 
 class FakeClassifier:
@@ -157,3 +157,25 @@ def test_rejects_bad_limits() -> None:
         Batcher(lambda: None, max_batch=0)
     with pytest.raises(ValueError):
         Batcher(lambda: None, max_delay_s=-1)
+
+
+def test_padded_sizes_are_powers_of_two_up_to_the_maximum() -> None:
+    assert padded_sizes(16) == (1, 2, 4, 8, 16)
+    assert padded_sizes(12) == (1, 2, 4, 8, 12)
+    assert padded_sizes(1) == (1,)
+    assert [padded_size(n, padded_sizes(12)) for n in (1, 3, 5, 9, 12)] == [1, 4, 8, 12, 12]
+
+
+@pytest.mark.parametrize(("pad", "seen"), [(True, 4), (False, 3)])
+def test_a_batch_is_padded_to_an_allowed_size_and_each_image_keeps_its_row(
+    pad: bool, seen: int
+) -> None:
+    model = FakeClassifier(call_seconds=0.2)
+    batcher = Batcher(lambda: model, max_batch=8, max_delay_s=0.5, pad=pad)
+    values = [30, 60, 90]
+    results = run_concurrently(batcher, values)
+    # The model saw the padded batch (blank rows at the end); the results are the real images'.
+    assert seen in model.sizes and all(s in batcher.sizes for s in model.sizes)
+    for value, result in zip(values, results, strict=True):
+        assert result.probabilities[1] == pytest.approx(value / 255, abs=1e-6)
+        assert result.batch_size <= 3
