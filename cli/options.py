@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ml.config import limits, value_type
+from ml.config import choices, limits, value_type
 
 
 def _extra(model: type[BaseModel], name: str, key: str) -> Any:
@@ -34,7 +34,8 @@ def help_text(model: type[BaseModel], name: str) -> str:
     kind = value_type(model, name)
     low, high, exclusive = limits(model, name)
     parts = []
-    if kind is not bool and (low is not None or high is not None):
+    # A choice's values are in argparse's own "{a,b,c}" beside the flag.
+    if kind in (int, float) and (low is not None or high is not None):
         parts.append(_range(low, high, exclusive, kind))
     unset = _extra(model, name, "unset") or "none"
     parts.append(f"default {unset if info.default is None else info.default}")
@@ -79,6 +80,8 @@ def add_options(
         }
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
+        elif kind is str:
+            options["choices"] = choices(model, name)
         else:
             options["type"] = kind
         parser.add_argument(*flags(model, name), **options)

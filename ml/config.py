@@ -15,7 +15,7 @@ Pydantic only (no TensorFlow), so TF-free processes validate requests with it.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import annotated_types
 from pydantic import (
@@ -30,6 +30,8 @@ from pydantic import (
 __all__ = [
     "DEFAULT_EXTERNAL_TOLERANCE",
     "EVAL_NAME_PATTERN",
+    "INTENSITIES",
+    "Intensity",
     "check_eval_name",
     "MAX_INPUT_SIZE",
     "MIN_INPUT_SIZE",
@@ -38,6 +40,7 @@ __all__ = [
     "TrainConfig",
     "TrainingOptions",
     "limits",
+    "choices",
     "value_type",
 ]
 
@@ -49,6 +52,10 @@ MAX_SEED = 2**32 - 1  # numpy's seed range
 # What happens to a finished job's version: see ml.promotion.decide.
 Policy = Literal["if_better", "always", "never"]
 POLICIES: tuple[Policy, ...] = ("if_better", "always", "never")
+# How the model normalises each image's grey levels before VGG16 (ml.layers): "none" builds no
+# layer at all, so a model without it is the same as one built before the option existed.
+Intensity = Literal["none", "standardize", "equalize"]
+INTENSITIES: tuple[Intensity, ...] = get_args(Intensity)
 # How far an if_better candidate may fall below the active version on a registered evaluation set
 # (ROC AUC and sensitivity; ml.promotion.external_gate). 0.05 is about the half-width of a 95%
 # interval of a sensitivity near 0.85 on ~250 pneumonias: a bigger drop is not noise. 1 = off.
@@ -131,6 +138,15 @@ class TrainingOptions(BaseModel):
         description=(
             "also vary what differs between sites: aspect (squash), softness, contrast, gamma, "
             "brightness, noise (ml/augment.py)"
+        ),
+    )
+    intensity: Intensity = Field(
+        default="none",
+        title="Intensity normalisation",
+        description=(
+            "per-image grey-level normalisation inside the model, before VGG16: none, "
+            "standardize (subtract the image's mean, divide by its std) or equalize (histogram "
+            "equalisation), see ml/layers.py; a job continuing a version keeps that version's"
         ),
     )
     patience: int = Field(
@@ -261,10 +277,24 @@ def limits(model: type[BaseModel], name: str) -> tuple[float | None, float | Non
     return low, high, exclusive
 
 
-def value_type(model: type[BaseModel], name: str) -> type[int] | type[float] | type[bool]:
-    """The Python type of a field's value, ``None`` aside."""
+def value_type(
+    model: type[BaseModel], name: str
+) -> type[int] | type[float] | type[bool] | type[str]:
+    """The Python type of a field's value, ``None`` aside (``str`` for a choice of strings)."""
     annotation = model.model_fields[name].annotation
     for kind in (bool, int, float):
         if annotation is kind or annotation == kind | None:
             return kind
-    raise TypeError(f"{name} is not a bool, int or float field")
+    if choices(model, name):
+        return str
+    raise TypeError(f"{name} is not a bool, int, float or choice field")
+
+
+def choices(model: type[BaseModel], name: str) -> tuple[str, ...]:
+    """The values a ``Literal`` field of strings allows (empty for any other field)."""
+    annotation = model.model_fields[name].annotation
+    if get_origin(annotation) is Literal:
+        values = get_args(annotation)
+        if all(isinstance(v, str) for v in values):
+            return values
+    return ()

@@ -11,8 +11,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ml.config import INTENSITIES
 from ml.decision import decide, negative_index
 from ml.explain import build_explainer
+from ml.layers import INTENSITY_LAYER, IntensityNormalization
 from ml.ood import MahalanobisGate, feature_model
 from ml.precision import model_precision
 
@@ -20,6 +22,16 @@ from ml.precision import model_precision
 # minus the ImageNet channel means. Grayscale is copied to all three channels, so the RGB->BGR flip
 # is a no-op and only the per-channel means matter.
 VGG16_MEAN_BGR = (103.939, 116.779, 123.68)
+# The spread of ImageNet's pixels in 0..255 (torchvision's per-channel std 0.229, 0.224, 0.225
+# times 255, averaged). A standardised image is given ImageNet's mean and this spread, so that
+# VGG16 sees the contrast its filters were trained on, not a near-constant image at mean - 115.
+IMAGENET_STD = 57.6
+# offset and scale of each intensity method's output (ml.layers): the 0..255 range the rest of
+# the model expects.
+INTENSITY_OUTPUT = {
+    "standardize": (sum(VGG16_MEAN_BGR) / 3, IMAGENET_STD),
+    "equalize": (0.0, 255.0),
+}
 MIN_INPUT_SIZE = 32  # VGG16 has five 2x2 poolings.
 
 BaseWeights = str | os.PathLike[str] | None
@@ -30,18 +42,23 @@ def build_classifier(
     input_size: int = 224,
     base_weights: BaseWeights = "imagenet",
     dropout: float = 0.3,
+    intensity: str = "none",
 ) -> keras.Model:
     """Build VGG16 (no top) plus a small softmax head over ``class_names``.
 
     The model takes ``(batch, input_size, input_size, 1)`` float32 grayscale in 0..255 (what
     :func:`ml.imaging.to_model_input` returns) and does the rest of the preprocessing in its graph
-    (grayscale to three channels, VGG16 normalisation), so training and serving cannot disagree.
+    (the intensity normalisation if any, grayscale to three channels, VGG16 normalisation), so
+    training and serving cannot disagree.
 
     Args:
         class_names: Output classes in order, e.g. ``["NORMAL", "PNEUMONIA"]``.
         input_size: Side of the square input in pixels (at least 32).
         base_weights: ``"imagenet"``, a path to a local VGG16 notop weights file, or ``None``.
         dropout: Dropout rate before the output layer.
+        intensity: ``"none"`` (no layer), ``"standardize"`` or ``"equalize"``: an
+            :class:`ml.layers.IntensityNormalization` right after the input, its output mapped
+            back to the 0..255 scale (``INTENSITY_OUTPUT``).
     """
     if len(class_names) < 2 or len(set(class_names)) != len(class_names):
         raise ValueError(f"need at least two distinct class names, got {list(class_names)}")
@@ -51,8 +68,15 @@ def build_classifier(
     if weights is not None and weights != "imagenet" and not os.path.isfile(weights):
         raise FileNotFoundError(f"VGG16 weights file not found: {weights}")
 
+    if intensity not in INTENSITIES:
+        raise ValueError(f"intensity must be one of {', '.join(INTENSITIES)}, got {intensity!r}")
+
     inputs = keras.Input(shape=(input_size, input_size, 1), name="image")
-    x = keras.layers.Concatenate(name="gray_to_rgb")([inputs, inputs, inputs])
+    x = inputs
+    if intensity != "none":
+        offset, scale = INTENSITY_OUTPUT[intensity]
+        x = IntensityNormalization(intensity, offset=offset, scale=scale, name=INTENSITY_LAYER)(x)
+    x = keras.layers.Concatenate(name="gray_to_rgb")([x, x, x])
     x = keras.layers.Normalization(
         mean=VGG16_MEAN_BGR, variance=(1.0, 1.0, 1.0), name="vgg16_preprocess"
     )(x)

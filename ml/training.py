@@ -203,6 +203,13 @@ def _check_inputs(config: TrainConfig, dataset: Dataset, base_model: keras.Model
             )
         if "vgg16" not in {layer.name for layer in base_model.layers}:
             raise ValueError("the model to continue has no nested 'vgg16' base")
+        from ml.layers import intensity_of
+
+        if intensity_of(base_model) != config.intensity:
+            raise ValueError(
+                f"the model to continue normalises intensity with {intensity_of(base_model)!r}, "
+                f"but config.intensity is {config.intensity!r}"
+            )
 
 
 def train(
@@ -245,7 +252,12 @@ def train(
     if base_model is not None:
         model = _copy_model(base_model)
     else:
-        model = build_classifier(dataset.class_names, config.input_size, config.base_weights)
+        model = build_classifier(
+            dataset.class_names,
+            config.input_size,
+            config.base_weights,
+            intensity=config.intensity,
+        )
     precision = choose_precision(precision, detect_hardware())
     model = with_precision(model, precision)
     log.info("training in %s", precision)

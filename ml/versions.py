@@ -298,12 +298,10 @@ def import_model(
     without, the version has none (``ood.method == "none"``). It counts as trained unless
     ``trained=False`` says otherwise (``cxr import --untrained``).
     """
-    import keras
-
     from ml.ood import DEFAULT_ACCEPTANCE, fit_gate_on_folder
 
     try:
-        model = keras.saving.load_model(os.fspath(source), compile=False)
+        model = read_keras(source)
     except (OSError, ValueError) as exc:
         raise IncompatibleModelError(f"cannot load {source} as a Keras model: {exc}") from exc
     check_compatible(model, class_names)
@@ -321,20 +319,31 @@ def import_model(
     )
 
 
+def read_keras(path: PathLike) -> keras.Model:
+    """Load a ``.keras`` file without its compiled state, the project's own layers known.
+
+    Keras finds a custom layer only once its class is registered, which importing
+    :mod:`ml.layers` does (``IntensityNormalization``).
+    """
+    import keras
+
+    import ml.layers  # noqa: F401  (registers the layers a saved model may hold)
+
+    return keras.saving.load_model(os.fspath(path), compile=False)
+
+
 def load_classifier(model_dir: PathLike, version: int, precision: str = "float32") -> Classifier:
     """Load one version as a ready-to-call :class:`ml.model.Classifier` computing in ``precision``.
 
     Versions are saved in float32; any of them can be served in any precision
     (:func:`ml.precision.with_precision`), its output staying float32.
     """
-    import keras
-
     from ml.model import Classifier
     from ml.ood import OOD_FILE, load_gate
     from ml.precision import with_precision
 
     metadata = read_metadata(model_dir, version)
-    model = keras.saving.load_model(version_dir(model_dir, version) / MODEL_FILE, compile=False)
+    model = read_keras(version_dir(model_dir, version) / MODEL_FILE)
     model = with_precision(model, precision)
     return Classifier(
         model,
@@ -348,11 +357,9 @@ def load_classifier(model_dir: PathLike, version: int, precision: str = "float32
 
 def load_model(model_dir: PathLike, version: int) -> keras.Model:
     """Load one version's Keras model (compiled state dropped), e.g. to fine-tune it further."""
-    import keras
-
     if not has_version(model_dir, version):
         raise VersionNotFoundError(f"no model version {version} in {model_dir}")
-    return keras.saving.load_model(version_dir(model_dir, version) / MODEL_FILE, compile=False)
+    return read_keras(version_dir(model_dir, version) / MODEL_FILE)
 
 
 def read_active_file(model_dir: PathLike) -> int | None:

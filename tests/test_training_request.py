@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from cli.main import build_parser as cxr_parser
 from cli.train import build_parser as local_train_parser
-from ml.config import TrainConfig, TrainingOptions, limits, value_type
+from ml.config import TrainConfig, TrainingOptions, choices, limits, value_type
 from worker.jobs import TrainingRequest
 
 KNOBS = tuple(TrainingOptions.model_fields)
@@ -57,7 +57,7 @@ def test_every_knob_is_declared_with_help_and_a_default() -> None:
     assert {
         "input_size", "epochs_head", "epochs_finetune", "learning_rate_head",
         "learning_rate_finetune", "finetune_blocks", "batch_size", "augment", "site_augment",
-        "patience", "seed",
+        "intensity", "patience", "seed",
         "max_images_per_class", "target_sensitivity",
     } == set(KNOBS)  # fmt: skip
     for name in KNOBS:
@@ -80,20 +80,45 @@ def test_the_api_and_the_trainer_inherit_every_knob(model: type[BaseModel]) -> N
     )
 
 
-@pytest.mark.parametrize("name", [n for n in KNOBS if value_type(TrainingOptions, n) is not bool])
+NUMBERS = [n for n in KNOBS if value_type(TrainingOptions, n) in (int, float)]
+CHOICES = [n for n in KNOBS if value_type(TrainingOptions, n) is str]
+# Phase 2 on, so that no single knob at its limit leaves nothing to train.
+TRAINABLE = {"epochs_head": 1, "epochs_finetune": 1, "finetune_blocks": 1, "base_weights": None}
+
+
+@pytest.mark.parametrize("name", NUMBERS)
 def test_the_api_and_the_trainer_share_the_limits(name: str) -> None:
     good, bad = boundaries(name)
     assert good and bad, name
-    # Phase 2 on, so that no single knob at its limit leaves nothing to train.
-    base = {"epochs_head": 1, "epochs_finetune": 1, "finetune_blocks": 1, "base_weights": None}
     for value in good:
         TrainingRequest.model_validate({name: value})
-        TrainConfig.from_dict(base | {name: value})
+        TrainConfig.from_dict(TRAINABLE | {name: value})
     for value in bad:
         with pytest.raises(ValidationError, match=name):
             TrainingRequest.model_validate({name: value})
         with pytest.raises(ValueError, match=name):
-            TrainConfig.from_dict(base | {name: value})
+            TrainConfig.from_dict(TRAINABLE | {name: value})
+
+
+@pytest.mark.parametrize("name", CHOICES)
+def test_the_api_the_trainer_and_both_command_lines_share_the_choices(name: str) -> None:
+    allowed = choices(TrainingOptions, name)
+    assert len(allowed) >= 2 and TrainingOptions.model_fields[name].default in allowed
+    for value in allowed:
+        assert TrainingRequest.model_validate({name: value}).knobs()[name] == value
+        assert TrainConfig.from_dict(TRAINABLE | {name: value}).to_dict()[name] == value
+    for value in ("", "other", allowed[0].upper(), 1):
+        with pytest.raises(ValidationError, match=name):
+            TrainingRequest.model_validate({name: value})
+        with pytest.raises(ValueError, match=name):
+            TrainConfig.from_dict(TRAINABLE | {name: value})
+    flag = "--" + name.replace("_", "-")
+    remote = actions(subparser(cxr_parser(), "train"))[name]
+    local = actions(local_train_parser())[name]
+    assert tuple(remote.choices or ()) == tuple(local.choices or ()) == allowed
+    args = local_train_parser().parse_args(["--dataset", "d", "--out", "o", flag, allowed[-1]])
+    assert getattr(args, name) == allowed[-1]
+    assert getattr(cxr_parser().parse_args(["train", flag, allowed[-1]]), name) == allowed[-1]
 
 
 def test_both_command_lines_offer_every_knob_the_same_way() -> None:

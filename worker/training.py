@@ -131,6 +131,7 @@ class TrainingRunner:
     def _train(self, job_id: str, request: TrainingRequest) -> dict[str, Any]:
         from ml.config import TrainConfig
         from ml.dataset import load_dataset
+        from ml.layers import intensity_of
         from ml.progress import TrainingCancelled
         from ml.training import train
 
@@ -138,12 +139,15 @@ class TrainingRunner:
         parent: int | None = None
         base_weights: str | None
         input_size = request.input_size
+        intensity: str = request.intensity
         if request.base == "active":
             parent = self.active.get()
             if parent is None:
                 raise JobFailed("base 'active' asked for, but no version is active")
             base_model = load_model(self.settings.model_dir, parent)
+            # The architecture is the base's: its input size and its intensity layer.
             input_size = int(base_model.input_shape[1])
+            intensity = intensity_of(base_model)
             base_weights = None
             base_label = f"version {parent}"
         elif request.base in ("imagenet", "none"):
@@ -159,7 +163,7 @@ class TrainingRunner:
         # resolved here.
         knobs = request.knobs()
         config = TrainConfig.from_dict(
-            knobs | {"input_size": input_size, "base_weights": base_weights}
+            knobs | {"input_size": input_size, "intensity": intensity, "base_weights": base_weights}
         )
         root = self.settings.data_dir / request.dataset
         if not root.is_dir():

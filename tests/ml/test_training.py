@@ -464,6 +464,13 @@ def test_continue_refuses_a_model_with_other_classes(tiny_dataset: Dataset) -> N
         train(TINY, tiny_dataset, base_model=three)
 
 
+def test_continue_refuses_a_model_with_another_intensity_layer(tiny_dataset: Dataset) -> None:
+    keras.utils.set_random_seed(0)
+    equalizing = build_classifier(list(TWO), input_size=32, base_weights=None, intensity="equalize")
+    with pytest.raises(ValueError, match="'equalize', but config.intensity is 'none'"):
+        train(TINY, tiny_dataset, base_model=equalizing)
+
+
 def test_dataset_and_config_sizes_must_agree(tiny_dataset: Dataset) -> None:
     config = TrainConfig.from_dict({**TINY.to_dict(), "input_size": 48})
     with pytest.raises(ValueError, match="input_size"):

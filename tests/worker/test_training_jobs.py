@@ -15,7 +15,8 @@ import pytest
 import redis
 from PIL import Image
 
-from ml.versions import list_versions, read_evaluation, read_metadata
+from ml.layers import intensity_of
+from ml.versions import list_versions, load_model, read_evaluation, read_metadata
 from tests.conftest import WorkerProcess, make_settings, start_worker, wait_for
 from worker.app import TASK_TRAIN, create_celery
 from worker.client import Keys
@@ -102,7 +103,8 @@ def test_jobs_publish_versions_and_apply_the_promotion_policy(
     active = ActiveVersion(jobs.redis, Keys(settings.key_prefix), settings.model_dir)
     before = list_versions(settings.model_dir)
 
-    job = jobs.submit(TrainingRequest(dataset=data[1], promotion="always", **QUICK), "test")
+    first = TrainingRequest(dataset=data[1], promotion="always", intensity="equalize", **QUICK)
+    job = jobs.submit(first, "test")
     doc = wait_final(jobs, job)
     assert doc["status"] == "done", (doc, worker.log()[-3000:])
     version = doc["outcome"]["version"]
@@ -114,6 +116,8 @@ def test_jobs_publish_versions_and_apply_the_promotion_policy(
     meta = read_metadata(settings.model_dir, version)
     assert meta.job_id == job and meta.dataset["files"] > 0 and meta.training_seconds
     assert meta.hyperparameters["input_size"] == 32
+    assert meta.hyperparameters["intensity"] == "equalize"
+    assert intensity_of(load_model(settings.model_dir, version)) == "equalize"
     evaluation = read_evaluation(settings.model_dir, version)
     assert evaluation is not None
     assert {"accuracy", "sensitivity", "specificity", "roc_auc"} <= set(evaluation)
@@ -121,10 +125,15 @@ def test_jobs_publish_versions_and_apply_the_promotion_policy(
     assert active.audit(1)[0]["actor"] == f"training job {job}"
 
     # "never": a new candidate, the active version untouched; this one labels at a threshold.
-    request2 = TrainingRequest(dataset=data[1], promotion="never", target_sensitivity=1.0, **QUICK)
+    # It continues the active version, so it keeps that version's intensity layer (the request
+    # left the option at its default).
+    second = QUICK | {"base": "active", "promotion": "never", "target_sensitivity": 1.0}
+    request2 = TrainingRequest.model_validate(second | {"dataset": data[1]})
     job2 = jobs.submit(request2, "test")
     doc2 = wait_final(jobs, job2)
-    assert doc2["status"] == "done"
+    assert doc2["status"] == "done", (doc2, worker.log()[-3000:])
+    meta2 = read_metadata(settings.model_dir, doc2["outcome"]["version"])
+    assert meta2.parent_version == version and meta2.hyperparameters["intensity"] == "equalize"
     assert doc2["outcome"]["promotion"]["promoted"] is False
     assert active.get() == version
     threshold = read_metadata(settings.model_dir, doc2["outcome"]["version"]).decision_threshold
