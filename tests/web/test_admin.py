@@ -669,6 +669,10 @@ def test_a_missing_dataset_is_refused_where_the_data_can_be_seen(
     client = create_app({"TESTING": True, "CXR_SETTINGS": settings}).test_client()
     r = client.post(ADMIN + "/training-jobs", json={"dataset": "nope"}, headers=auth())
     assert r.status_code == 422 and r.get_json()["error"] == "dataset_not_found"
+    assert r.get_json()["message"] == (
+        f"no dataset 'nope' in CXR_DATA_DIR ({settings.data_dir}): name a folder there in the "
+        "Kaggle layout <split>/<CLASS>/*"
+    )
     ok = client.post(ADMIN + "/training-jobs", json={"dataset": "cxr"}, headers=auth())
     assert ok.status_code == 202 and "warning" not in ok.get_json()
 
@@ -679,4 +683,7 @@ def test_a_dataset_that_cannot_be_checked_is_accepted_with_a_warning(
     assert not admin_settings.data_dir.is_dir()
     r = admin.post(ADMIN + "/training-jobs", json={"dataset": "anything"}, headers=auth())
     assert r.status_code == 202
-    assert "not visible to the web process" in r.get_json()["warning"]
+    assert r.get_json()["warning"] == (
+        f"CXR_DATA_DIR ({admin_settings.data_dir}) is not visible to the web process, so the "
+        "dataset was not checked; the trainer checks it when the job starts"
+    )
