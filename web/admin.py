@@ -24,7 +24,7 @@ from flask import (
 from pydantic import ValidationError
 
 from web import extension, settings
-from web.api import error_response
+from web.api import accepted, error_response
 from web.openapi import Operation, declare
 from web.openapi import Reply as Answer
 from web.schemas import (
@@ -364,10 +364,7 @@ def create_training_job() -> Reply:
     body: TrainingAccepted = {"id": job_id, "status": "queued", "status_url": status_url}
     if warning:
         body["warning"] = warning
-    response = jsonify(body)
-    response.status_code = 202
-    response.headers["Location"] = status_url
-    return response
+    return accepted(body, status_url)
 
 
 @bp.get("/training-jobs")

@@ -13,7 +13,9 @@ import redis
 from flask.testing import FlaskClient
 
 from ml.external import write_external
-from tests.web.test_admin import TOKEN, assert_error, call, isolated_settings, ok_json
+from tests.conftest import make_settings
+from tests.web.conftest import assert_error
+from tests.web.test_admin import TOKEN, call, ok_json
 from worker.evalsets import MAX_EVAL_DATASETS
 from worker.settings import Settings
 
@@ -30,7 +32,7 @@ def data_dir(tmp_path: Path) -> Path:
 def sets_settings(
     redis_url: str, redis_client: redis.Redis, model_dir: Path, data_dir: Path
 ) -> Iterator[Settings]:
-    settings = isolated_settings(
+    settings = make_settings(
         redis_url, model_dir, admin_token=TOKEN, data_dir=data_dir,
         eval_datasets="kaggle=/elsewhere/kaggle-test",
     )  # fmt: skip
