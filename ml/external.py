@@ -53,6 +53,12 @@ check_name = check_eval_name
 PathLike = str | os.PathLike[str]
 
 
+# External results have always used z = 1.96 (not ml.intervals.Z_95) and a stratified bootstrap
+# of 2,000 resamples (docs/external-validation.md): kept so stored results and re-runs agree.
+EXTERNAL_Z = 1.96
+EXTERNAL_RESAMPLES = 2000
+
+
 def _ci(bounds: tuple[float, float] | None) -> list[float] | None:
     return None if bounds is None else [round(bounds[0], 4), round(bounds[1], 4)]
 
@@ -66,7 +72,7 @@ def score_eval_set(
 ) -> dict[str, Any]:
     """Score a version's probabilities on an evaluation set, with 95% intervals (JSON-native)."""
     from ml.evaluation import evaluate_predictions
-    from ml.intervals import bootstrap_auc, wilson
+    from ml.intervals import bootstrap_auc_interval, wilson_interval
 
     p = np.asarray(probs, dtype=np.float64)
     doc = evaluate_predictions(evalset.y, p, evalset.class_names, threshold=threshold)
@@ -83,13 +89,21 @@ def score_eval_set(
         "threshold": threshold,
         "target_sensitivity": target_sensitivity,
         "accuracy": doc["accuracy"],
-        "accuracy_ci": _ci(wilson(int(np.trace(confusion)), n)),
+        "accuracy_ci": _ci(wilson_interval(int(np.trace(confusion)), n, z=EXTERNAL_Z)),
         "sensitivity": doc["sensitivity"],
-        "sensitivity_ci": _ci(wilson(detected, positives)),
+        "sensitivity_ci": _ci(wilson_interval(detected, positives, z=EXTERNAL_Z)),
         "specificity": doc["specificity"],
-        "specificity_ci": _ci(wilson(int(confusion[neg, neg]), negatives)),
+        "specificity_ci": _ci(wilson_interval(int(confusion[neg, neg]), negatives, z=EXTERNAL_Z)),
         "roc_auc": doc["roc_auc"],
-        "roc_auc_ci": _ci(bootstrap_auc(evalset.y != neg, 1.0 - p[:, neg], seed=seed)),
+        "roc_auc_ci": _ci(
+            bootstrap_auc_interval(
+                evalset.y != neg,
+                1.0 - p[:, neg],
+                resamples=EXTERNAL_RESAMPLES,
+                seed=seed,
+                stratified=True,
+            )
+        ),
         "confusion_matrix": doc["confusion_matrix"],
         "class_names": doc["class_names"],
     }

@@ -11,16 +11,23 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["bootstrap_auc", "bootstrap_auc_interval", "roc_auc", "wilson", "wilson_interval"]
+__all__ = ["bootstrap_auc_interval", "roc_auc", "wilson_interval"]
 
 Z_95 = 1.959963984540054  # the standard normal's 97.5% quantile
 BOOTSTRAP_RESAMPLES = 1000
 
 
 def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
-    """The Wilson score interval (95% by default) of a proportion; ``None`` when ``n == 0``."""
+    """The Wilson score interval (95% by default) of ``successes / n``; ``None`` when ``n == 0``.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or n
+    successes, which is where a small evaluation set's sensitivity often sits. A count outside
+    0..n is refused (``ValueError``).
+    """
     if n <= 0:
         return None
+    if not 0 <= successes <= n:
+        raise ValueError(f"successes must lie in 0..{n}, got {successes}")
     p = successes / n
     denominator = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denominator
@@ -33,20 +40,37 @@ def bootstrap_auc_interval(
     scores: npt.ArrayLike,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    stratified: bool = False,
 ) -> tuple[float, float] | None:
-    """A 95% percentile-bootstrap interval of the ROC AUC (images resampled with replacement).
+    """A 95% percentile-bootstrap interval of the ROC AUC of ``scores`` for boolean ``positive``.
 
-    Resamples with only one label present are skipped; ``None`` when the AUC is undefined.
+    By default the images are resampled with replacement and resamples with only one label
+    present are skipped. ``stratified`` resamples positives and negatives separately instead, so
+    every resample keeps both (and the set's class balance). ``None`` when the AUC is undefined.
     """
     pos = np.asarray(positive, dtype=bool).ravel()
     s = np.asarray(scores, dtype=np.float64).ravel()
     if roc_auc(pos, s) is None:
         return None
     rng = np.random.default_rng(seed)
+    pos_scores, neg_scores = s[pos], s[~pos]
+    stratified_truth = np.concatenate(
+        [np.ones(pos_scores.size, bool), np.zeros(neg_scores.size, bool)]
+    )
     values = []
     for _ in range(resamples):
-        index = rng.integers(0, pos.size, pos.size)
-        auc = roc_auc(pos[index], s[index])
+        if stratified:
+            truth = stratified_truth
+            sample = np.concatenate(
+                [
+                    rng.choice(pos_scores, pos_scores.size, replace=True),
+                    rng.choice(neg_scores, neg_scores.size, replace=True),
+                ]
+            )
+        else:
+            index = rng.integers(0, pos.size, pos.size)
+            truth, sample = pos[index], s[index]
+        auc = roc_auc(truth, sample)
         if auc is not None:
             values.append(auc)
     low, high = np.percentile(values, [2.5, 97.5])
@@ -75,40 +99,3 @@ def roc_auc(positive: npt.ArrayLike, scores: npt.ArrayLike) -> float | None:
     ranks = group_rank[inverse]
     u = float(ranks[pos].sum()) - n_pos * (n_pos + 1) / 2.0
     return u / (n_pos * n_neg)
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
-    """:func:`wilson_interval` of ``k / n`` that refuses a ``k`` outside 0..n (external sets).
-
-    Unlike the normal approximation it stays inside [0, 1] and is not empty at k = 0 or k = n,
-    which is where a small evaluation set's sensitivity often sits.
-    """
-    if n > 0 and not 0 <= k <= n:
-        raise ValueError(f"k must lie in 0..{n}, got {k}")
-    return wilson_interval(k, n, z)
-
-
-def bootstrap_auc(
-    labels: npt.ArrayLike, scores: npt.ArrayLike, n: int = 2000, seed: int = 0
-) -> tuple[float, float] | None:
-    """A percentile bootstrap 95% interval of the ROC AUC of ``scores`` for boolean ``labels``.
-
-    Positives and negatives are resampled separately (a stratified bootstrap), so every resample
-    has both and its AUC is defined. ``None`` when one of the two labels is absent.
-    """
-    positive = np.asarray(labels, dtype=bool).ravel()
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    pos, neg = s[positive], s[~positive]
-    if pos.size == 0 or neg.size == 0:
-        return None
-    rng = np.random.default_rng(seed)
-    truth = np.concatenate([np.ones(pos.size, bool), np.zeros(neg.size, bool)])
-    aucs = np.empty(n)
-    for i in range(n):
-        sample = np.concatenate(
-            [rng.choice(pos, pos.size, replace=True), rng.choice(neg, neg.size, replace=True)]
-        )
-        auc = roc_auc(truth, sample)
-        aucs[i] = auc if auc is not None else np.nan  # never None: both labels present
-    lo, hi = np.percentile(aucs, [2.5, 97.5])
-    return float(lo), float(hi)

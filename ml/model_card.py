@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ml.intervals import wilson_interval
+from ml.versions import ModelMetadata
 
 __all__ = ["CARD_FILE", "build_card", "card_html", "card_markdown"]
 
@@ -104,16 +105,18 @@ def build_card(
 ) -> dict[str, Any]:
     """The model card of one version as a JSON-native dict (sections in Mitchell et al.'s order).
 
-    ``audit`` is the active-version audit log (any order); the entries naming this version are
-    kept as its promotion history.
+    ``metadata`` is a :meth:`ml.versions.ModelMetadata.to_dict` (or a ``metadata.json``);
+    whether the version was trained is its ``trained`` field. ``audit`` is the active-version
+    audit log (any order); the entries naming this version are kept as its promotion history.
     """
     version = metadata.get("version")
     hp = metadata.get("hyperparameters") or {}
     dataset = metadata.get("dataset") or {}
-    extra = metadata.get("extra") or {}
     ood = metadata.get("ood") or {}
     source = _source(metadata)
-    trained = bool(evaluation) or extra.get("trained") is True
+    # What the registry says (an older metadata.json gets it from ml.versions.infer_trained),
+    # not a guess from whether an evaluation exists: an imported model may have none.
+    trained = ModelMetadata.from_dict(metadata).trained
     operating = {
         "decision_threshold": metadata.get("decision_threshold"),
         "rule": (

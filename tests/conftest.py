@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +43,23 @@ def wait_for(predicate: object, timeout: float, what: str, interval: float = 0.1
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def run_python(
+    code: str, *args: str, env: Mapping[str, str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter at the checkout root (its own ``sys.modules``).
+
+    ``args`` are its ``sys.argv[1:]``; its output is captured as text.
+    """
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=ROOT,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -212,6 +229,17 @@ def start_worker(
             start_new_session=True,
         )  # fmt: skip
     return WorkerProcess(settings, proc, log_path, redis.Redis.from_url(settings.redis_url))
+
+
+def start_trainer(settings: Settings, log_dir: Path) -> WorkerProcess:
+    """Start a trainer worker and wait until it is ready (stopped again, with its log, if not)."""
+    worker = start_worker(settings, log_dir, trainer=True, name="trainer")
+    try:
+        wait_for(lambda: "ready" in worker.log(), 60, "the trainer to start")
+    except AssertionError:
+        worker.stop()
+        raise AssertionError(f"trainer did not start:\n{worker.log()[-4000:]}") from None
+    return worker
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import run_python
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
@@ -56,14 +58,7 @@ def _run_python(code: str, env: dict[str, str] | None = None) -> subprocess.Comp
     """Run code in a fresh interpreter that imports this checkout (keeps sys.modules clean here)."""
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), full_env.get("PYTHONPATH")]))
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        cwd=ROOT,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return run_python(code, env=full_env, timeout=240)
 
 
 def _assert_ok(proc: subprocess.CompletedProcess[str], what: str) -> None:

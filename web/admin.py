@@ -24,7 +24,7 @@ from flask import (
 from pydantic import ValidationError
 
 from web import extension, settings
-from web.api import error_response
+from web.api import accepted, error_response
 from web.openapi import Operation, declare
 from web.openapi import Reply as Answer
 from web.schemas import (
@@ -163,6 +163,32 @@ def body_too_large(exc: BodyTooLarge) -> Reply:
 def bad_request(exc: InvalidRequest) -> Reply:
     """Answer 400 ``invalid_request`` with what was wrong."""
     return error_response(400, "invalid_request", str(exc), details=exc.details)
+
+
+class DatasetNotFound(LookupError):
+    """A folder named in a request is not in CXR_DATA_DIR."""
+
+
+@bp.errorhandler(DatasetNotFound)
+def dataset_not_found(exc: DatasetNotFound) -> Reply:
+    """Answer 422 ``dataset_not_found`` with which folder and what to name instead."""
+    return error_response(422, "dataset_not_found", str(exc))
+
+
+def check_data_folder(folder: str, missing: str, hint: str, unchecked: str) -> str | None:
+    """Check ``folder`` is a directory in CXR_DATA_DIR; raise :class:`DatasetNotFound` if not.
+
+    ``missing`` names it and ``hint`` says what to name in the 422 message. When CXR_DATA_DIR is
+    not visible here nothing can be checked: the answer is a warning ending in ``unchecked``
+    (what was not checked and who checks it later), else ``None``.
+    """
+    data_dir = settings().data_dir
+    if not data_dir.is_dir():
+        # The web process may not mount the data (compose mounts it read-only in both).
+        return f"CXR_DATA_DIR ({data_dir}) is not visible to the web process, so {unchecked}"
+    if not (data_dir / folder).is_dir():
+        raise DatasetNotFound(f"no {missing} in CXR_DATA_DIR ({data_dir}): {hint}")
+    return None
 
 
 def json_body() -> dict[str, Any]:
@@ -327,31 +353,18 @@ def create_training_job() -> Reply:
         return error_response(
             409, "no_active_version", "base 'active' needs an active model version; there is none"
         )
-    data_dir = settings().data_dir
-    warning = None
-    if data_dir.is_dir():
-        if not (data_dir / params.dataset).is_dir():
-            return error_response(
-                422,
-                "dataset_not_found",
-                f"no dataset {params.dataset!r} in CXR_DATA_DIR ({data_dir}): name a folder "
-                "there in the Kaggle layout <split>/<CLASS>/*",
-            )
-    else:
-        # The web process may not mount the data (compose mounts it read-only in both).
-        warning = (
-            f"CXR_DATA_DIR ({data_dir}) is not visible to the web process, so the dataset was "
-            "not checked; the trainer checks it when the job starts"
-        )
+    warning = check_data_folder(
+        params.dataset,
+        missing=f"dataset {params.dataset!r}",
+        hint="name a folder there in the Kaggle layout <split>/<CLASS>/*",
+        unchecked="the dataset was not checked; the trainer checks it when the job starts",
+    )
     job_id = training_jobs().submit(params, actor())
     status_url = url_for("admin.get_training_job", job_id=job_id)
     body: TrainingAccepted = {"id": job_id, "status": "queued", "status_url": status_url}
     if warning:
         body["warning"] = warning
-    response = jsonify(body)
-    response.status_code = 202
-    response.headers["Location"] = status_url
-    return response
+    return accepted(body, status_url)
 
 
 @bp.get("/training-jobs")
@@ -571,21 +584,13 @@ def register_eval_dataset(name: str) -> Reply:
         path = check_eval_path(body.get("path"))
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-    data_dir = settings().data_dir
-    warning = None
-    if data_dir.is_dir():
-        if not (data_dir / path).is_dir():
-            return error_response(
-                422,
-                "dataset_not_found",
-                f"no folder {path!r} in CXR_DATA_DIR ({data_dir}): name one holding "
-                "<CLASS>/<images> or test/<CLASS>/<images>",
-            )
-    else:
-        warning = (
-            f"CXR_DATA_DIR ({data_dir}) is not visible to the web process, so the path was not "
-            "checked; a set the trainer cannot read is recorded as an error with each version"
-        )
+    warning = check_data_folder(
+        path,
+        missing=f"folder {path!r}",
+        hint="name one holding <CLASS>/<images> or test/<CLASS>/<images>",
+        unchecked="the path was not checked; a set the trainer cannot read is recorded as an "
+        "error with each version",
+    )
     sets = eval_sets()
     existed = any(row["name"] == name for row in sets.list())
     try:

@@ -3,6 +3,7 @@ its Grad-CAM map."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import redis
@@ -103,6 +104,21 @@ def _cached(response: Response) -> Response:
     # What an id names never changes (the image from the upload on, the map once written) and
     # it is a patient's image: private caches only, for as long as the result lives.
     response.headers["Cache-Control"] = f"private, max-age={settings().result_ttl_seconds}"
+    return response
+
+
+def _stored_png(job_id: str, what: str, data: bytes | None) -> tuple[Response, int] | Response:
+    """A job's stored PNG (``what``: image or heatmap), cached; the 404 when there is none."""
+    if data is None:
+        return not_found(job_id, what)
+    return _cached(Response(data, mimetype="image/png"))
+
+
+def accepted(body: Mapping[str, Any], status_url: str) -> Response:
+    """Answer 202 Accepted with ``body``, naming where to follow the job in ``Location``."""
+    response = jsonify(body)
+    response.status_code = 202
+    response.headers["Location"] = status_url
     return response
 
 
@@ -224,10 +240,7 @@ def create_prediction() -> tuple[Response, int] | Response:
         return response, status
     status_url = url_for("api.get_prediction", job_id=job_id)
     body: Accepted = {"id": job_id, "status": "queued", "status_url": status_url}
-    response = jsonify(body)
-    response.status_code = 202
-    response.headers["Location"] = status_url
-    return response
+    return accepted(body, status_url)
 
 
 @bp.get("/predictions/<job_id>")
@@ -252,10 +265,7 @@ def get_prediction(job_id: str) -> tuple[Response, int] | Response:
 @declare(IMAGE)
 def get_image(job_id: str) -> tuple[Response, int] | Response:
     """The image the prediction was made on: the stored grayscale PNG, pixels only."""
-    data = prediction_client().image_png(job_id)
-    if data is None:
-        return not_found(job_id, "image")
-    return _cached(Response(data, mimetype="image/png"))
+    return _stored_png(job_id, "image", prediction_client().image_png(job_id))
 
 
 @bp.get("/predictions/<job_id>/heatmap.png")
@@ -266,10 +276,7 @@ def get_heatmap_png(job_id: str) -> tuple[Response, int] | Response:
         opacity = OverlayQuery.model_validate(request.args.to_dict()).opacity
     except ValidationError:
         return error_response(400, "invalid_opacity", "opacity must be a number from 0 to 1")
-    data = prediction_client().heatmap_png(job_id, opacity)
-    if data is None:
-        return not_found(job_id, "heatmap")
-    return _cached(Response(data, mimetype="image/png"))
+    return _stored_png(job_id, "heatmap", prediction_client().heatmap_png(job_id, opacity))
 
 
 @bp.get("/predictions/<job_id>/heatmap.json")

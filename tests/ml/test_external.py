@@ -14,8 +14,14 @@ from PIL import Image
 
 from ml.dataset import DatasetError
 from ml.evalset import eval_root, load_eval_folder
-from ml.external import read_external, score_eval_set, sensitivity_warning, write_external
-from ml.intervals import bootstrap_auc, wilson
+from ml.external import (
+    EXTERNAL_Z,
+    read_external,
+    score_eval_set,
+    sensitivity_warning,
+    write_external,
+)
+from ml.intervals import bootstrap_auc_interval, wilson_interval
 from ml.promotion import apply_external_gate, external_gate
 from worker.settings import parse_eval_datasets
 
@@ -40,15 +46,15 @@ def make_folder(root: Path, counts: dict[str, int]) -> Path:
 
 
 def test_wilson_matches_known_values() -> None:
-    lo, hi = wilson(5, 10)  # type: ignore[misc]
+    lo, hi = wilson_interval(5, 10, EXTERNAL_Z)  # type: ignore[misc]
     assert (round(lo, 4), round(hi, 4)) == (0.2366, 0.7634)
-    lo, hi = wilson(0, 10)  # type: ignore[misc]
+    lo, hi = wilson_interval(0, 10, EXTERNAL_Z)  # type: ignore[misc]
     assert lo == 0.0 and round(hi, 4) == 0.2775
-    lo, hi = wilson(10, 10)  # type: ignore[misc]
+    lo, hi = wilson_interval(10, 10, EXTERNAL_Z)  # type: ignore[misc]
     assert round(lo, 4) == 0.7225 and hi == 1.0
-    assert wilson(0, 0) is None
+    assert wilson_interval(0, 0, EXTERNAL_Z) is None
     with pytest.raises(ValueError):
-        wilson(11, 10)
+        wilson_interval(11, 10, EXTERNAL_Z)
 
 
 def test_bootstrap_auc_is_seeded_and_brackets_the_auc() -> None:
@@ -57,12 +63,15 @@ def test_bootstrap_auc_is_seeded_and_brackets_the_auc() -> None:
     scores = np.where(labels, rng.normal(1, 1, 120), rng.normal(0, 1, 120))
     from ml.evaluation import roc_auc
 
+    def stratified(y: Any, s: Any, resamples: int = 500) -> tuple[float, float] | None:
+        return bootstrap_auc_interval(y, s, resamples, seed=3, stratified=True)
+
     auc = roc_auc(labels, scores)
-    lo, hi = bootstrap_auc(labels, scores, n=500, seed=3)  # type: ignore[misc]
+    lo, hi = stratified(labels, scores)  # type: ignore[misc]
     assert lo < auc < hi and 0.05 < hi - lo < 0.4  # type: ignore[operator]
-    assert bootstrap_auc(labels, scores, n=500, seed=3) == (lo, hi)
-    assert bootstrap_auc(labels, np.where(labels, 1.0, 0.0), n=50) == (1.0, 1.0)
-    assert bootstrap_auc(np.ones(5, bool), np.arange(5)) is None
+    assert stratified(labels, scores) == (lo, hi)
+    assert stratified(labels, np.where(labels, 1.0, 0.0), 50) == (1.0, 1.0)
+    assert stratified(np.ones(5, bool), np.arange(5)) is None
 
 
 # --- the loader ---------------------------------------------------------------------------------
@@ -122,9 +131,12 @@ def test_scoring_at_the_versions_threshold_with_intervals(tmp_path: Path) -> Non
     assert doc["confusion_matrix"] == [[3, 1], [2, 4]]
     assert doc["sensitivity"] == pytest.approx(4 / 6) and doc["specificity"] == 0.75
     assert doc["accuracy"] == 0.7
-    assert doc["sensitivity_ci"] == [round(b, 4) for b in wilson(4, 6)]  # type: ignore[union-attr]
-    assert doc["specificity_ci"] == [round(b, 4) for b in wilson(3, 4)]  # type: ignore[union-attr]
-    assert doc["accuracy_ci"] == [round(b, 4) for b in wilson(7, 10)]  # type: ignore[union-attr]
+    for key, (k, n) in {
+        "sensitivity_ci": (4, 6),
+        "specificity_ci": (3, 4),
+        "accuracy_ci": (7, 10),
+    }.items():
+        assert doc[key] == [round(b, 4) for b in wilson_interval(k, n, EXTERNAL_Z)]  # type: ignore[union-attr]
     lo, hi = doc["roc_auc_ci"]
     assert lo <= doc["roc_auc"] <= hi
     json.dumps(doc)  # JSON-native

@@ -125,6 +125,30 @@ def test_a_version_without_evaluation_or_gate_says_so() -> None:
     assert "population: not recorded" in text.lower()
 
 
+@pytest.mark.parametrize(
+    ("fields", "evaluated", "trained"),
+    [
+        ({"trained": True, "extra": {"imported_from": "notebook.keras"}}, False, True),
+        ({"trained": False}, True, False),  # `cxr import --untrained`, then `cxr evaluate`
+        ({"extra": {"imported_from": "notebook.keras"}}, False, True),  # before `trained`
+        ({"training_seconds": 12.5}, False, True),  # before `trained`: a timed run
+        ({}, False, False),  # before `trained`: a bare save of a fresh model
+    ],
+)
+def test_trained_is_the_registrys_word_not_whether_an_evaluation_exists(
+    fields: dict[str, Any], evaluated: bool, trained: bool
+) -> None:
+    from ml.versions import ModelMetadata
+
+    meta = {"version": 3, "class_names": CLASSES, "input_size": 32, "base_weights": None}
+    meta |= fields
+    evaluation = evaluate_predictions([0, 1, 1], [[0.8, 0.2], [0.3, 0.7], [0.6, 0.4]], CLASSES)
+    card = build_card(meta, evaluation if evaluated else None)
+    assert card["model_details"]["trained"] is trained is ModelMetadata.from_dict(meta).trained
+    assert any("never trained" in t for t in card["limits"]) is not trained
+    assert f"- **trained**: {trained}" in card_markdown(card)
+
+
 def test_html_escapes_what_it_shows() -> None:
     meta = {"version": 2, "class_names": ["<b>A", "B"], "input_size": 32, "base_weights": None}
     page = card_html(build_card(meta, None))

@@ -1,4 +1,5 @@
-"""Helpers for the web tests: image bytes made in memory, fake worker heartbeats, a dead Redis."""
+"""Helpers for the web tests: image bytes made in memory, the API's error document, fake worker
+heartbeats, a dead Redis, web code run in a fresh interpreter that must not import TensorFlow."""
 
 from __future__ import annotations
 
@@ -7,13 +8,15 @@ import struct
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 from flask import Flask
 from PIL import Image
+from werkzeug.test import TestResponse
 
-from tests.conftest import free_port, make_settings
+from tests.conftest import free_port, make_settings, run_python, settings_env
 from worker.client import Keys, WorkerInfo
 from worker.settings import Settings
 
@@ -59,6 +62,16 @@ def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
     data[16:24] = struct.pack(">II", width, height)
     data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
     return bytes(data)
+
+
+def assert_error(response: TestResponse, status: int, code: str) -> dict[str, Any]:
+    """Check the JSON error document and return it."""
+    assert response.status_code == status, response.get_data(as_text=True)
+    assert response.is_json, response.content_type
+    body: dict[str, Any] = response.get_json()
+    assert body["error"] == code
+    assert isinstance(body["message"], str) and body["message"]
+    return body
 
 
 def heartbeat(
@@ -114,3 +127,19 @@ def down_app(tmp_path: Path) -> Flask:
 
     settings = make_settings(f"redis://127.0.0.1:{free_port()}/0", tmp_path / "models")
     return create_app({"TESTING": True, "CXR_SETTINGS": settings})
+
+
+# Appended to a script by assert_runs_without_tensorflow: checked after the web code ran.
+NO_TENSORFLOW_CHECK = """
+loaded = sorted(m for m in ("tensorflow", "keras") if m in sys.modules)
+assert not loaded, f"the web process imported {loaded}"
+"""
+
+
+def assert_runs_without_tensorflow(script: str, settings: Settings, *args: str) -> None:
+    """Run web code in a fresh interpreter on ``settings``: it must pass and never have imported
+    TensorFlow or Keras (the web process must not; this interpreter has them loaded already)."""
+    result = run_python(
+        "import sys\n" + script + NO_TENSORFLOW_CHECK, *args, env=settings_env(settings)
+    )
+    assert result.returncode == 0, result.stderr

@@ -8,13 +8,9 @@ reads metadata, so no TensorFlow is needed beyond building the session's tiny mo
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import sys
 import textwrap
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +21,8 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from tests.conftest import CLASSES, EVALUATION, ROOT, TINY_SIZE, curves_png, make_settings
+from tests.conftest import CLASSES, EVALUATION, TINY_SIZE, curves_png, make_settings
+from tests.web.conftest import assert_error, assert_runs_without_tensorflow
 from worker.app import TASK_TRAIN
 from worker.client import Keys
 from worker.settings import Settings
@@ -67,18 +64,12 @@ BAD_AUTH: list[dict[str, str]] = [
 ]
 
 
-def isolated_settings(redis_url: str, model_dir: Path, **overrides: Any) -> Settings:
-    """make_settings plus a training queue of its own."""
-    tag = uuid.uuid4().hex[:8]
-    return make_settings(redis_url, model_dir, training_queue=f"training-{tag}", **overrides)
-
-
 @pytest.fixture
 def admin_settings(
     redis_url: str, redis_client: redis.Redis, model_dir: Path
 ) -> Iterator[Settings]:
     """Settings with the admin API enabled; their Redis keys and queues are removed afterwards."""
-    settings = isolated_settings(redis_url, model_dir, admin_token=TOKEN)
+    settings = make_settings(redis_url, model_dir, admin_token=TOKEN)
     yield settings
     for pattern in (f"{settings.key_prefix}:*", f"*{settings.training_queue}*"):
         for key in redis_client.scan_iter(match=pattern):
@@ -127,16 +118,6 @@ def ok_json(response: TestResponse, status: int = 200) -> Any:
     assert response.status_code == status, response.get_data(as_text=True)
     assert response.is_json
     return response.get_json()
-
-
-def assert_error(response: TestResponse, status: int, code: str) -> dict[str, Any]:
-    """Check the JSON error document and return it."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.is_json, response.content_type
-    body: dict[str, Any] = response.get_json()
-    assert body["error"] == code
-    assert isinstance(body["message"], str) and body["message"]
-    return body
 
 
 def submit(client: FlaskClient, body: Any = None, actor: str | None = None) -> str:
@@ -188,7 +169,7 @@ def test_routes_are_disabled_without_a_configured_token(
 ) -> None:
     from web import create_app
 
-    settings = isolated_settings(redis_url, model_dir, admin_token=token)
+    settings = make_settings(redis_url, model_dir, admin_token=token)
     client = create_app({"TESTING": True, "CXR_SETTINGS": settings}).test_client()
     # Disabled means disabled: any token, or none, gets the same answer.
     for headers in ({}, auth(), auth(token="")):
@@ -418,7 +399,7 @@ def test_models_list_skips_a_broken_version(admin: FlaskClient, model_dir: Path)
 def test_models_list_of_an_empty_folder(redis_url: str, tmp_path: Path) -> None:
     from web import create_app
 
-    settings = isolated_settings(redis_url, tmp_path / "none", admin_token=TOKEN)
+    settings = make_settings(redis_url, tmp_path / "none", admin_token=TOKEN)
     client = create_app({"TESTING": True, "CXR_SETTINGS": settings}).test_client()
     assert ok_json(call(client, "GET", "/models")) == {"active_version": None, "versions": []}
 
@@ -567,7 +548,7 @@ def test_admin_page_asks_for_the_token(admin: FlaskClient) -> None:
 def test_admin_page_is_served_without_a_token_configured(redis_url: str, model_dir: Path) -> None:
     from web import create_app
 
-    settings = isolated_settings(redis_url, model_dir)
+    settings = make_settings(redis_url, model_dir)
     response = create_app({"TESTING": True, "CXR_SETTINGS": settings}).test_client().get("/admin")
     assert response.status_code == 200
 
@@ -606,37 +587,16 @@ NO_TF_SCRIPT = textwrap.dedent(
     ]:
         response = client.open(path, method=method, headers=headers)
         assert response.status_code == status, (path, response.get_data(as_text=True))
-    loaded = sorted(m for m in ("tensorflow", "keras") if m in sys.modules)
-    assert not loaded, f"the web process imported {loaded}"
     """
 )
 
 
 def test_admin_never_imports_tensorflow(
-    redis_url: str, redis_client: redis.Redis, model_dir: Path
+    admin_settings: Settings, redis_client: redis.Redis
 ) -> None:
-    tag = uuid.uuid4().hex[:8]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update(
-        CXR_REDIS_URL=redis_url,
-        CXR_KEY_PREFIX=f"cxrtest-{tag}",
-        CXR_INFERENCE_QUEUE=f"inference-{tag}",
-        CXR_TRAINING_QUEUE=f"training-{tag}",
-        CXR_MODEL_DIR=str(model_dir),
-        CXR_ADMIN_TOKEN=TOKEN,
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", NO_TF_SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    assert redis_client.llen(f"training-{tag}") == 1
-    assert redis_client.get(f"cxrtest-{tag}:model:active") == b"2"
-    redis_client.delete(f"training-{tag}")
+    assert_runs_without_tensorflow(NO_TF_SCRIPT, admin_settings)
+    assert redis_client.llen(admin_settings.training_queue) == 1
+    assert redis_client.get(f"{admin_settings.key_prefix}:model:active") == b"2"
 
 
 # --- hostile and careless requests (issue 13) -----------------------------------------------
@@ -665,10 +625,14 @@ def test_a_missing_dataset_is_refused_where_the_data_can_be_seen(
 
     data = tmp_path / "data"
     (data / "cxr").mkdir(parents=True)
-    settings = isolated_settings(redis_url, model_dir, admin_token=TOKEN, data_dir=data)
+    settings = make_settings(redis_url, model_dir, admin_token=TOKEN, data_dir=data)
     client = create_app({"TESTING": True, "CXR_SETTINGS": settings}).test_client()
     r = client.post(ADMIN + "/training-jobs", json={"dataset": "nope"}, headers=auth())
     assert r.status_code == 422 and r.get_json()["error"] == "dataset_not_found"
+    assert r.get_json()["message"] == (
+        f"no dataset 'nope' in CXR_DATA_DIR ({settings.data_dir}): name a folder there in the "
+        "Kaggle layout <split>/<CLASS>/*"
+    )
     ok = client.post(ADMIN + "/training-jobs", json={"dataset": "cxr"}, headers=auth())
     assert ok.status_code == 202 and "warning" not in ok.get_json()
 
@@ -679,4 +643,7 @@ def test_a_dataset_that_cannot_be_checked_is_accepted_with_a_warning(
     assert not admin_settings.data_dir.is_dir()
     r = admin.post(ADMIN + "/training-jobs", json={"dataset": "anything"}, headers=auth())
     assert r.status_code == 202
-    assert "not visible to the web process" in r.get_json()["warning"]
+    assert r.get_json()["warning"] == (
+        f"CXR_DATA_DIR ({admin_settings.data_dir}) is not visible to the web process, so the "
+        "dataset was not checked; the trainer checks it when the job starts"
+    )

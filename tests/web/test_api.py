@@ -9,10 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -28,6 +25,8 @@ from werkzeug.test import TestResponse
 
 from ml.imaging import decode_image
 from tests.web.conftest import (
+    assert_error,
+    assert_runs_without_tensorflow,
     bmp,
     bomb_png,
     gif,
@@ -43,7 +42,6 @@ from worker.app import TASK_PREDICT
 from worker.client import Keys
 from worker.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[2]
 API = "/api/v1/predictions"
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -53,16 +51,6 @@ def post_file(client: FlaskClient, data: bytes, filename: str = "xray.png") -> T
     return client.post(
         API, data={"file": (io.BytesIO(data), filename)}, content_type="multipart/form-data"
     )
-
-
-def assert_error(response: TestResponse, status: int, code: str) -> dict[str, Any]:
-    """Check the JSON error document and return it."""
-    assert response.status_code == status, response.get_data(as_text=True)
-    assert response.is_json, response.content_type
-    body: dict[str, Any] = response.get_json()
-    assert body["error"] == code
-    assert isinstance(body["message"], str) and body["message"]
-    return body
 
 
 def assert_refused(
@@ -334,29 +322,12 @@ response = app.test_client().post(
     content_type="multipart/form-data",
 )
 assert response.status_code == 202, response.get_data(as_text=True)
-loaded = sorted(m for m in ("tensorflow", "keras") if m in sys.modules)
-assert not loaded, f"the web process imported {loaded}"
 """
 
 
-def test_web_never_imports_tensorflow(redis_url: str, redis_client: redis.Redis) -> None:
-    tag = uuid.uuid4().hex[:8]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update(
-        CXR_REDIS_URL=redis_url,
-        CXR_KEY_PREFIX=f"cxrtest-{tag}",
-        CXR_INFERENCE_QUEUE=f"inference-{tag}",
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", NO_TF_SCRIPT],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-    assert redis_client.llen(f"inference-{tag}") == 1
+def test_web_never_imports_tensorflow(settings: Settings, redis_client: redis.Redis) -> None:
+    assert_runs_without_tensorflow(NO_TF_SCRIPT, settings)
+    assert redis_client.llen(settings.inference_queue) == 1
 
 
 def test_long_poll_without_a_worker_times_out_as_queued(client: FlaskClient) -> None:

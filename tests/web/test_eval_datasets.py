@@ -4,6 +4,7 @@ and warnings a version's JSON carries; Flask's test client, a real Redis, no wor
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +13,9 @@ import redis
 from flask.testing import FlaskClient
 
 from ml.external import write_external
-from tests.web.test_admin import TOKEN, assert_error, call, isolated_settings, ok_json
+from tests.conftest import make_settings
+from tests.web.conftest import assert_error
+from tests.web.test_admin import TOKEN, call, ok_json
 from worker.evalsets import MAX_EVAL_DATASETS
 from worker.settings import Settings
 
@@ -29,7 +32,7 @@ def data_dir(tmp_path: Path) -> Path:
 def sets_settings(
     redis_url: str, redis_client: redis.Redis, model_dir: Path, data_dir: Path
 ) -> Iterator[Settings]:
-    settings = isolated_settings(
+    settings = make_settings(
         redis_url, model_dir, admin_token=TOKEN, data_dir=data_dir,
         eval_datasets="kaggle=/elsewhere/kaggle-test",
     )  # fmt: skip
@@ -60,8 +63,27 @@ def test_register_list_and_remove(admin: FlaskClient) -> None:
     ]
 
 
-def test_a_missing_folder_is_refused_where_web_sees_the_data(admin: FlaskClient) -> None:
-    assert_error(call(admin, "PUT", "/eval-datasets/x", {"path": "nope"}), 422, "dataset_not_found")
+def test_a_missing_folder_is_refused_where_web_sees_the_data(
+    admin: FlaskClient, data_dir: Path
+) -> None:
+    body = assert_error(
+        call(admin, "PUT", "/eval-datasets/x", {"path": "nope"}), 422, "dataset_not_found"
+    )
+    assert body["message"] == (
+        f"no folder 'nope' in CXR_DATA_DIR ({data_dir}): name one holding <CLASS>/<images> or "
+        "test/<CLASS>/<images>"
+    )
+
+
+def test_a_path_that_cannot_be_checked_is_registered_with_a_warning(
+    admin: FlaskClient, data_dir: Path
+) -> None:
+    shutil.rmtree(data_dir)  # CXR_DATA_DIR not mounted in the web container
+    doc = ok_json(call(admin, "PUT", "/eval-datasets/x", {"path": "nope"}), 201)
+    assert doc["path"] == "nope" and doc["warning"] == (
+        f"CXR_DATA_DIR ({data_dir}) is not visible to the web process, so the path was not "
+        "checked; a set the trainer cannot read is recorded as an error with each version"
+    )
 
 
 @pytest.mark.parametrize(

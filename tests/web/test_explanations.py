@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import pytest
 import redis
@@ -17,7 +13,7 @@ from flask import url_for
 from flask.testing import FlaskClient
 from PIL import Image
 
-from tests.web.conftest import png
+from tests.web.conftest import assert_runs_without_tensorflow, png
 from worker.client import Keys
 from worker.records import (
     HEATMAP_JSON_PATH,
@@ -29,7 +25,6 @@ from worker.records import (
 )
 from worker.settings import Settings
 
-ROOT = Path(__file__).resolve().parents[2]
 API = "/api/v1/predictions"
 MAP_DOC = {
     "method": "grad-cam",
@@ -200,25 +195,10 @@ response = client.post("/api/v1/predictions",
 job_id = response.get_json()["id"]
 redis.Redis.from_url(sys.argv[1]).set(Keys(sys.argv[2]).heatmap(job_id), sys.argv[3])
 assert client.get(f"/api/v1/predictions/{job_id}/heatmap.png").status_code == 200
-loaded = sorted(m for m in ("tensorflow", "keras") if m in sys.modules)
-assert not loaded, f"the web process imported {loaded}"
 """
 
 
-def test_the_web_renders_overlays_without_tensorflow(redis_url: str) -> None:
-    tag = uuid.uuid4().hex[:8]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update(
-        CXR_REDIS_URL=redis_url,
-        CXR_KEY_PREFIX=f"cxrtest-{tag}",
-        CXR_INFERENCE_QUEUE=f"inference-{tag}",
+def test_the_web_renders_overlays_without_tensorflow(settings: Settings) -> None:
+    assert_runs_without_tensorflow(
+        RENDER_SCRIPT, settings, settings.redis_url, settings.key_prefix, json.dumps(MAP_DOC)
     )
-    result = subprocess.run(
-        [sys.executable, "-c", RENDER_SCRIPT, redis_url, f"cxrtest-{tag}", json.dumps(MAP_DOC)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr

@@ -22,7 +22,7 @@ from werkzeug.serving import make_server
 from cli.main import main
 from ml.external import read_external, sensitivity_warning, write_external
 from ml.versions import version_dir
-from tests.conftest import WorkerProcess, make_settings, start_worker, wait_for
+from tests.conftest import WorkerProcess, make_settings, start_trainer
 from tests.worker.test_training_jobs import QUICK, jobs_of, synthetic_dataset, wait_final
 from worker.client import Keys
 from worker.registry import ActiveVersion
@@ -88,12 +88,7 @@ def trainer_env(
         redis_url, model_dir, data_dir=data[0], eval_datasets=f"kaggle={data[2]}",
         admin_token=TOKEN, precision="float32",
     )  # fmt: skip
-    worker = start_worker(settings, tmp_path_factory.mktemp("logs"), trainer=True, name="trainer")
-    try:
-        wait_for(lambda: "ready" in worker.log(), 60, "the trainer to start")
-    except AssertionError:
-        worker.stop()
-        raise AssertionError(f"trainer did not start:\n{worker.log()[-4000:]}") from None
+    worker = start_trainer(settings, tmp_path_factory.mktemp("logs"))
     yield settings, worker
     worker.stop()
     client = redis.Redis.from_url(redis_url)

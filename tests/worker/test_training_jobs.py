@@ -17,7 +17,7 @@ from PIL import Image
 
 from ml.layers import intensity_of
 from ml.versions import list_versions, load_model, read_evaluation, read_metadata
-from tests.conftest import WorkerProcess, make_settings, start_worker, wait_for
+from tests.conftest import WorkerProcess, make_settings, start_trainer, wait_for
 from worker.app import TASK_TRAIN, create_celery
 from worker.client import Keys
 from worker.jobs import TrainingJobs, TrainingRequest
@@ -65,12 +65,7 @@ def trainer_env(
     model_dir = tmp_path_factory.mktemp("trainer") / "models"
     shutil.copytree(tiny_model_dir, model_dir)
     settings = make_settings(redis_url, model_dir, data_dir=data[0])
-    worker = start_worker(settings, tmp_path_factory.mktemp("logs"), trainer=True, name="trainer")
-    try:
-        wait_for(lambda: "ready" in worker.log(), 60, "the trainer to start")
-    except AssertionError:
-        worker.stop()
-        raise AssertionError(f"trainer did not start:\n{worker.log()[-4000:]}") from None
+    worker = start_trainer(settings, tmp_path_factory.mktemp("logs"))
     yield settings, worker
     worker.stop()
 
