@@ -41,14 +41,13 @@ def score_arm(
     folder: Path, sets: dict[str, Path], batch_size: int = 32
 ) -> dict[str, dict[str, Any]]:
     """One trained arm on every set, at the threshold its trainer chose on val."""
-    import keras
-
     from ml.evalset import load_eval_folder
     from ml.external import score_eval_set
+    from ml.versions import read_keras
 
     evaluation = json.loads((folder / "evaluation.json").read_text())
     threshold = evaluation.get("threshold")
-    model = keras.models.load_model(folder / "model.keras", compile=False)
+    model = read_keras(folder / "model.keras")
     size = int(model.input_shape[1])
     out: dict[str, dict[str, Any]] = {}
     for name, root in sets.items():
