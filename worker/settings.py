@@ -122,10 +122,10 @@ class Settings(BaseSettings):
         "Batches form in a worker run with `--pool threads --concurrency >= this`.",
     )
     batch_padding: bool = Field(
-        default=True,
+        default=False,
         description="Pad each batch with blank images up to the next power of two (at most "
         "CXR_BATCH_MAX_SIZE), so the model sees a few batch sizes, each warmed up when a version "
-        "loads; false: every size from 1 up, each paying its first call on first use.",
+        "loads; false (default): every size from 1 up, each paying its first call on first use.",
     )
     batch_max_delay_ms: float = Field(
         default=5.0,
