@@ -112,6 +112,7 @@ def test_find_dataset(tmp_path: Path, redis_url: str) -> None:
 def test_options_override_the_defaults(data_settings: Settings) -> None:
     request = build_request(data_settings, "xray", imagenet=False)
     assert request.base == "none" and request.input_size == SCRATCH_DEFAULTS["input_size"]
+    assert request.intensity == "equalize"  # the ablation's recipe (docs/external-validation.md)
     assert request.promotion == "if_better" and request.dataset == "xray"
     assert build_request(data_settings, "xray", imagenet=True).base == "imagenet"
     tuned = data_settings.model_copy(update={"first_run_options": {"input_size": 64}})
