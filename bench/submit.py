@@ -17,7 +17,9 @@ of redis-py connections: a pipeline is one) and the commands they carried counte
 - ``submit``: ``POST /api/v1/predictions``;
 - ``poll``: ``GET /api/v1/predictions/<id>`` of a queued job;
 - ``poll_wait``: ``GET ...?wait=20`` of a job that finishes during the wait (its done token is
-  pushed beforehand, untimed, so the wait returns at once and the numbers are the path's own).
+  pushed beforehand, untimed, so the wait returns at once and the numbers are the path's own);
+- ``poll_done``: ``GET ...?wait=20`` of a finished job (a result with an explanation, as a
+  worker writes it): what the closed-loop clients of ``bench.run`` mostly get.
 
 Writes bench/results/submit-<UTC date>[-label].json. The whole stack is ``python -m bench.run``.
 """
@@ -141,6 +143,28 @@ def fake_serving_worker(client: redis.Redis, prefix: str) -> None:
     client.zadd(keys.workers(), {keys.worker(info.name): time.time() + 600})
 
 
+def finish(client: redis.Redis, keys: Any, ids: Sequence[str]) -> None:
+    """Mark every job done with a result as a worker stores it (with an explanation)."""
+    from worker.records import Explanation, PredictionResult, Timings
+
+    pipe = client.pipeline(transaction=False)
+    for job_id in ids:
+        result = PredictionResult(
+            label="PNEUMONIA",
+            probabilities={"NORMAL": 0.12, "PNEUMONIA": 0.88},
+            model_version=1,
+            decision_threshold=0.5,
+            batch_size=16,
+            timings_ms=Timings(queue=3.1, decode=1.2, batch_wait=2.0, model=4.5, worker_total=9.0),
+            explanation=Explanation.for_job(job_id, "grad-cam", "block5_conv3", "PNEUMONIA"),
+        )
+        pipe.hset(
+            keys.job(job_id),
+            mapping={"status": "done", "finished_at": time.time(), "result": result.to_json()},
+        )
+    pipe.execute()
+
+
 def remove_keys(client: redis.Redis, prefix: str, queues: Sequence[str]) -> int:
     """Delete every key this run wrote: its prefix, its queues and kombu's bindings of them."""
     keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
@@ -204,6 +228,10 @@ def measure(n: int, redis_url: str, profile: bool) -> Json:
                 response = client.get(f"/api/v1/predictions/{ids[i]}?wait=20")
                 assert response.status_code == 200
 
+            def poll_done(i: int) -> None:
+                response = client.get(f"/api/v1/predictions/{ids[i]}?wait=20")
+                assert response.status_code == 200 and response.get_json()["status"] == "done"
+
             phases: Json = {}
             with counter.counting():
                 phases["submit"] = timed(n, submit, counter, profiler)
@@ -215,6 +243,8 @@ def measure(n: int, redis_url: str, profile: bool) -> Json:
                     pipe.rpush(keys.done(job_id), 1)
                 pipe.execute()
                 phases["poll_wait"] = timed(n, poll_wait, counter, None)
+                finish(raw, keys, ids)
+                phases["poll_done"] = timed(n, poll_done, counter, None)
             assert queued == n, f"{queued} messages queued for {n} submits"
         finally:
             removed = remove_keys(raw, prefix, [queue, training])
