@@ -1,7 +1,7 @@
 """The web process's own cost per upload and per status poll, in one process, in seconds.
 
     .venv/bin/python -m bench.submit                 # 2000 submits + polls, ~10 s
-    .venv/bin/python -m bench.submit -n 500 --profile    # + the top functions (cProfile)
+    .venv/bin/python -m bench.submit -n 500 --profile cumulative   # + the top functions
 
 The web app (``web.create_app``) with a real Redis (``--redis-url``, a database of its own by
 default, every key under a throwaway prefix and removed at the end) and a fake heartbeat of a
@@ -175,7 +175,7 @@ def remove_keys(client: redis.Redis, prefix: str, queues: Sequence[str]) -> int:
     return removed
 
 
-def measure(n: int, redis_url: str, profile: bool) -> Json:
+def measure(n: int, redis_url: str, profile: str | None) -> Json:
     """Build the app on throwaway keys, run the three phases, clean up."""
     from web import create_app
     from worker.client import Keys
@@ -252,8 +252,8 @@ def measure(n: int, redis_url: str, profile: bool) -> Json:
     report["keys_removed"] = removed
     if profiler is not None:
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(25)
-        report["profile_submit_top_tottime"] = out.getvalue()
+        pstats.Stats(profiler, stream=out).sort_stats(profile or "tottime").print_stats(40)
+        report["profile_submit_top"] = out.getvalue()
     return report
 
 
@@ -280,7 +280,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("-n", type=int, default=2000, help="requests per phase")
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/13")
-    parser.add_argument("--profile", action="store_true", help="cProfile the submits")
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="tottime",
+        metavar="SORT",
+        help="cProfile the submits (CPU time) and print the top 40 by SORT (tottime, cumulative)",
+    )
     parser.add_argument("--label", default="", help="suffix of the results file, e.g. 'before'")
     args = parser.parse_args(argv)
     started = datetime.now(UTC)
@@ -290,8 +296,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     report["command"] = " ".join(["python -m bench.submit", *given])
     report["machine"] = machine()
     print(table(report))
-    if "profile_submit_top_tottime" in report:
-        print(report["profile_submit_top_tottime"])
+    if "profile_submit_top" in report:
+        print(report["profile_submit_top"])
     suffix = f"-{args.label}" if args.label else ""
     out = RESULTS / f"submit-{started:%Y-%m-%d}{suffix}.json"
     RESULTS.mkdir(parents=True, exist_ok=True)
