@@ -9,7 +9,8 @@ worker that serves, driven through Flask's test client: no worker runs, so each 
 message just waits in the queue (the queue is emptied between phases, untimed). The uploads are
 real X-rays from ``$CXR_TEST_DATA_DIR/test/*/*.jpg`` in multipart bodies with a fresh random
 boundary each, as browsers and ``bench.loadgen`` send them. Rate limits are off (as in
-``bench.run``); the queue bound stays on (its LLEN is part of a submit), set above ``-n``.
+``bench.run``) unless ``--rate-limit`` sets one; the queue bound stays on (its LLEN is part of a
+submit), set above ``-n``.
 
 Phases, each timed per request (wall and process CPU) with the Redis round trips (socket writes
 of redis-py connections: a pipeline is one) and the commands they carried counted client-side:
@@ -175,7 +176,7 @@ def remove_keys(client: redis.Redis, prefix: str, queues: Sequence[str]) -> int:
     return removed
 
 
-def measure(n: int, redis_url: str, profile: str | None) -> Json:
+def measure(n: int, redis_url: str, profile: str | None, rate_limit: str = "") -> Json:
     """Build the app on throwaway keys, run the three phases, clean up."""
     from web import create_app
     from worker.client import Keys
@@ -195,8 +196,8 @@ def measure(n: int, redis_url: str, profile: str | None) -> Json:
             key_prefix=prefix,
             inference_queue=queue,
             training_queue=training,
-            rate_limit_uploads="",
-            rate_limit_status="",
+            rate_limit_uploads=rate_limit,
+            rate_limit_status=rate_limit,
             max_queued_predictions=10 * n,
         )
         app = create_app({"TESTING": True, "CXR_SETTINGS": settings})
@@ -248,7 +249,8 @@ def measure(n: int, redis_url: str, profile: str | None) -> Json:
             assert queued == n, f"{queued} messages queued for {n} submits"
         finally:
             removed = remove_keys(raw, prefix, [queue, training])
-    report: Json = {"n": n, "images": source, "redis_url": redis_url, "phases": phases}
+    report: Json = {"n": n, "images": source, "redis_url": redis_url, "rate_limit": rate_limit}
+    report["phases"] = phases
     report["keys_removed"] = removed
     if profiler is not None:
         out = io.StringIO()
@@ -287,10 +289,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar="SORT",
         help="cProfile the submits (CPU time) and print the top 40 by SORT (tottime, cumulative)",
     )
+    parser.add_argument(
+        "--rate-limit",
+        default="",
+        metavar="SPEC",
+        help="per-client limit of uploads and of status requests, e.g. '100000/second' to count "
+        "what the limiter costs (default: off, as in bench.run)",
+    )
     parser.add_argument("--label", default="", help="suffix of the results file, e.g. 'before'")
     args = parser.parse_args(argv)
     started = datetime.now(UTC)
-    report = measure(args.n, args.redis_url, args.profile)
+    report = measure(args.n, args.redis_url, args.profile, args.rate_limit)
     report["started_at"] = started.isoformat(timespec="seconds")
     given = sys.argv[1:] if argv is None else list(argv)
     report["command"] = " ".join(["python -m bench.submit", *given])
