@@ -21,6 +21,7 @@ import os
 import struct
 import types
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,20 +312,50 @@ def bound_size(gray: npt.NDArray[np.uint8], max_side: int) -> npt.NDArray[np.uin
     return np.array(resized, dtype=np.uint8)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: length, type, data and the CRC-32 of type and data."""
+    crc = zlib.crc32(data, zlib.crc32(kind))
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
 def encode_png(gray: npt.NDArray[np.uint8]) -> bytes:
     """Encode a 2-D uint8 image as an 8-bit grayscale PNG that carries pixels only.
 
     Nothing of the upload's metadata (EXIF, comments, ICC profiles, text chunks) is carried over:
-    the array has none. zlib level 1 because the PNG lives minutes in Redis, not years on a disk:
-    level 6 is ~15 % smaller and ~7x slower to write (measured on a 1024 px X-ray: 30 ms vs 220 ms).
+    the array has none, and the file has no chunk but IHDR, IDAT and IEND. Written here rather
+    than by Pillow because this is most of the web's CPU per upload: Pillow tries four PNG
+    filters on every row and has no option to pick one. Every row here uses filter 1 ("Sub",
+    each byte minus its left neighbour: one numpy subtraction), deflated at zlib level 1 with the
+    run-length strategy: the PNG lives minutes in Redis, not years on a disk. On the shared
+    256 px X-rays that is 0.6 ms instead of Pillow's 1.9 ms at level 1, and 34 KiB instead of
+    36 KiB; on 1024 px ones with film grain 9.6 ms instead of 33 ms, and 5 % smaller.
     """
-    if gray.ndim != 2 or gray.dtype != np.uint8:
+    if gray.ndim != 2 or gray.dtype != np.uint8 or gray.size == 0:
         raise ValueError(
-            f"expected a 2-D uint8 grayscale array, got shape {gray.shape} dtype {gray.dtype}"
+            f"expected a non-empty 2-D uint8 grayscale array, got shape {gray.shape} "
+            f"dtype {gray.dtype}"
         )
-    buffer = io.BytesIO()
-    Image.fromarray(gray).save(buffer, "PNG", compress_level=1)
-    return buffer.getvalue()
+    height, width = gray.shape
+    rows = np.empty((height, width + 1), dtype=np.uint8)
+    rows[:, 0] = 1  # the filter type byte that starts every row: Sub
+    rows[:, 1] = gray[:, 0]
+    np.subtract(gray[:, 1:], gray[:, :-1], out=rows[:, 2:])  # uint8: modulo 256, as PNG wants
+    deflate = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, zlib.Z_RLE)
+    idat = deflate.compress(rows.data) + deflate.flush()
+    # Width, height, bit depth 8, colour type 0 (grayscale), deflate, adaptive filters, no
+    # interlace.
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"".join(
+        (
+            PNG_SIGNATURE,
+            _png_chunk(b"IHDR", ihdr),
+            _png_chunk(b"IDAT", idat),
+            _png_chunk(b"IEND", b""),
+        )
+    )
 
 
 def to_model_input(gray: npt.NDArray[np.uint8], size: int) -> npt.NDArray[np.float32]:

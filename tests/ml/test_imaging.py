@@ -499,3 +499,56 @@ def test_decoded_upload_feeds_model_input() -> None:
     result = to_model_input(decode_image(data), 64)
     assert result.shape == (64, 64, 1)
     assert result.min() == 0.0 and result.max() == 255.0
+
+
+def png_chunk_types(data: bytes) -> list[bytes]:
+    """The chunk types of a PNG file, in order, checking each chunk's CRC."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    kinds, pos = [], 8
+    while pos < len(data):
+        (length,) = struct.unpack(">I", data[pos : pos + 4])
+        kind, body = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + length]
+        (crc,) = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])
+        assert crc == zlib.crc32(kind + body), kind
+        kinds.append(kind)
+        pos += 12 + length
+    return kinds
+
+
+@pytest.mark.parametrize(
+    "pixels",
+    [
+        pytest.param(np.random.default_rng(0).integers(0, 256, (37, 53), np.uint8), id="noise"),
+        pytest.param(gradient(256, 256), id="gradient"),
+        pytest.param(np.full((1, 1), 255, np.uint8), id="1x1"),
+        pytest.param(np.arange(256, dtype=np.uint8)[np.newaxis, :], id="one-row"),
+        pytest.param(np.arange(256, dtype=np.uint8)[:, np.newaxis], id="one-column"),
+        pytest.param(gradient(90, 40)[::2, ::3], id="non-contiguous-view"),
+    ],
+)
+def test_encode_png_is_lossless_and_pixels_only(pixels: npt.NDArray[np.uint8]) -> None:
+    data = imaging.encode_png(pixels)
+    assert png_chunk_types(data) == [b"IHDR", b"IDAT", b"IEND"]
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.format == "PNG" and image.mode == "L" and image.info == {}
+        assert np.array_equal(np.asarray(image), pixels)
+    assert np.array_equal(decode_image(data), pixels)
+
+
+def test_encode_png_of_a_real_size_xray_is_smaller_than_the_raw_pixels() -> None:
+    from tests.realsize import xray_pixels
+
+    pixels = (np.clip(xray_pixels(1024, 832, 0.02), 0, 1) * 255).astype(np.uint8)
+    data = imaging.encode_png(pixels)
+    assert len(data) < 0.75 * pixels.size
+    assert np.array_equal(decode_image(data), pixels)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [np.zeros((4, 4), np.uint16), np.zeros((4, 4, 3), np.uint8), np.zeros((0, 4), np.uint8)],
+    ids=["uint16", "rgb", "empty"],
+)
+def test_encode_png_rejects_what_is_not_8_bit_grayscale(bad: npt.NDArray[Any]) -> None:
+    with pytest.raises(ValueError, match="2-D uint8"):
+        imaging.encode_png(bad)

@@ -265,6 +265,33 @@ def test_one_serving_worker_is_enough(
     assert post_file(client, png()).status_code == 202
 
 
+def test_a_refusal_for_no_model_is_not_remembered(
+    client: FlaskClient, settings: Settings, redis_client: redis.Redis
+) -> None:
+    heartbeat(redis_client, settings, "no_model", None)
+    assert_refused(post_file(client, png()), 503, "no_model", redis_client, settings)
+    heartbeat(redis_client, settings, "serving", 1)  # the model arrives: the next upload is taken
+    assert post_file(client, png()).status_code == 202
+
+
+def test_a_serving_worker_is_remembered_for_the_serving_check_seconds(
+    client: FlaskClient,
+    settings: Settings,
+    redis_client: redis.Redis,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("worker.client.SERVING_CHECK_SECONDS", 0.5)
+    heartbeat(redis_client, settings, "serving", 1)
+    assert post_file(client, png()).status_code == 202
+    started = time.monotonic()
+    heartbeat(redis_client, settings, "no_model", None)  # the model goes away
+    assert post_file(client, png()).status_code == 202  # heartbeats not read again yet
+    assert queue_length(redis_client, settings) == 2
+    time.sleep(max(0.0, 0.55 - (time.monotonic() - started)))
+    assert_error(post_file(client, png()), 503, "no_model")
+    assert queue_length(redis_client, settings) == 2
+
+
 def test_no_worker_at_all_queues(
     client: FlaskClient, settings: Settings, redis_client: redis.Redis
 ) -> None:
