@@ -7,14 +7,18 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 import redis
 import yaml
+from kombu.exceptions import OperationalError
 
 from tests.conftest import (
     ROOT,
@@ -26,6 +30,7 @@ from tests.conftest import (
 )
 from tests.worker.test_integration import assert_well_formed, enqueue_raw, job_status, png_bytes
 from worker.app import create_celery
+from worker.client import Keys, PredictionClient
 from worker.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -33,6 +38,12 @@ pytestmark = pytest.mark.integration
 OUTAGE_SECONDS = 12.0
 # From "Redis answers again" to "a prediction queued at that moment is done".
 RECOVERY_BOUND_SECONDS = 1.0
+# Restarts under load: how long Redis is down each time, the steady upload rate (per second, well
+# below what the worker serves, so it always has a BRPOP waiting), and the bound on a prediction
+# queued after a restart, with the backlog of the outage in front of it.
+LOAD_OUTAGES_SECONDS = (0.5, 3.0, 0.5, 3.0, 1.0)
+LOAD_RATE = 25.0
+LOAD_RECOVERY_BOUND_SECONDS = 5.0
 
 
 class RedisServer:
@@ -147,6 +158,95 @@ def test_predictions_flow_within_a_second_after_a_redis_outage(
         assert "CPendingDeprecationWarning" not in log, log[-4000:]
         assert "worker_cancel_long_running_tasks_on_connection_loss" not in log, log[-4000:]
     finally:
+        worker.stop()
+
+
+class Load:
+    """Uploads through the web's own client at a steady rate, in a thread, until stopped."""
+
+    def __init__(self, settings: Settings, rate: float, limit: int = 5000) -> None:
+        self.redis = redis.Redis.from_url(
+            settings.redis_url, socket_connect_timeout=0.2, socket_timeout=2
+        )
+        self.client = PredictionClient(settings, self.redis, create_celery(settings))
+        self.rate, self.limit = rate, limit
+        self.sent: deque[str] = deque(maxlen=limit)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load", daemon=True)
+
+    def _run(self) -> None:
+        image = png_bytes(21)
+        while not self._stop.is_set() and len(self.sent) < self.limit:
+            # While Redis is down the upload is refused (the web answers 503).
+            with suppress(redis.RedisError, OperationalError, OSError):
+                self.sent.append(self.client.submit(image, "load.png", explain=False))
+            self._stop.wait(1 / self.rate)
+
+    def running(self) -> bool:
+        """Whether one of the latest uploads is being predicted: delivered, not acknowledged."""
+        recent = list(self.sent)[-8:]
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id in recent:
+            pipe.hget(self.client.keys.job(job_id), "status")
+        return b"running" in pipe.execute()
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self.client.celery.close()
+        self.redis.close()
+
+
+def test_a_worker_under_load_survives_redis_restarts(
+    redis_server: RedisServer, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """Issue 13: Redis restarted five times while the compose worker has predictions in flight.
+
+    The worker stays up, and a prediction queued after each restart is done within a few seconds.
+    Under load the worker used to exit on a restart (AttributeError "'NoneType' object has no
+    attribute 'hostname'", see worker.consumer.RedisChannel): a task was delivered but not yet
+    acknowledged and a BRPOP waiting when Redis went away.
+    """
+    settings = make_settings(redis_server.url, tiny_model_dir, inference_queue="inference")
+    keys = Keys(settings.key_prefix)
+    client = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=0.2, socket_timeout=30)
+    worker = start_compose_worker(settings, tmp_path)
+    recoveries: list[float] = []
+    in_flight: list[bool] = []
+    try:
+        wait_for(lambda: worker.serving(1), 120, "the worker to serve")
+        with Load(settings, LOAD_RATE) as load:
+            for outage in LOAD_OUTAGES_SECONDS:
+                # Stop Redis the moment a prediction is running (delivered, not acknowledged).
+                deadline = time.monotonic() + 10
+                running = False
+                while not running and time.monotonic() < deadline:
+                    running = load.running()
+                in_flight.append(running)
+                redis_server.stop()
+                time.sleep(outage)
+                redis_server.start()
+                queued_at = time.monotonic()
+                job_id = load.client.submit(png_bytes(22), "after-restart.png", explain=False)
+                done = client.blpop([keys.done(job_id)], timeout=LOAD_RECOVERY_BOUND_SECONDS)
+                assert done is not None, (outage, recoveries, worker.log()[-6000:])
+                recoveries.append(round(time.monotonic() - queued_at, 3))
+                assert (load.client.status(job_id) or {}).get("status") == "done"
+                assert worker.proc.poll() is None, worker.log()[-6000:]
+        figure = {"outages_s": LOAD_OUTAGES_SECONDS, "in_flight": in_flight,
+                  "recovered_after_s": recoveries, "uploads": len(load.sent)}  # fmt: skip
+        print(json.dumps(figure))  # noqa: T201
+        assert worker.proc.poll() is None, worker.log()[-6000:]
+        log = worker.log()
+        assert log.count("Connection to broker lost") >= len(LOAD_OUTAGES_SECONDS), log[-6000:]
+        assert "Unrecoverable error" not in log, log[-6000:]
+        assert "'hostname'" not in log, log[-6000:]
+    finally:
+        client.close()
         worker.stop()
 
 
